@@ -1,0 +1,79 @@
+"""The chat templates LLaVA trains and prompts with.
+
+Message content is a string or a list of typed parts (`{"type": "image"}`, `{"type": "text", "text": ...}`). Parts are
+joined with a newline, so `[image, text]` renders as `<image>\nQ` and `[text, image]` as `Q\n<image>`: the two
+placements of the original data.
+
+Every assistant answer, and the token that ends it, sits inside `{% generation %}`: TRL's `assistant_only_loss`
+then trains on exactly the answers and their end token, so the model learns to stop (the llava-hf template leaves the
+`</s>` out and models trained with it ramble).
+"""
+
+_RENDER_CONTENT = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# `SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>` (LLaVA's `llava_v1` / `vicuna_v1`).
+VICUNA_V1 = (
+    _RENDER_CONTENT
+    + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{- render_content(messages[0]['content']) -}}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{{- '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "' -}}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first -%}{{- ' ' -}}{%- endif -%}"
+    "{{- 'USER: ' + render_content(message['content']) + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT:' -}}"
+    "{%- generation -%}{{- ' ' + render_content(message['content']) + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}{{- raise_exception('vicuna_v1 only knows the roles system, user and assistant') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+# Stage 1 of LLaVA-1.5: the image, then its caption; the instruction text of the user turn is not rendered.
+PLAIN = (
+    "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if message['content'] is string -%}{{- '<image>' if '<image>' in message['content'] else '' -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1, "plain": PLAIN}
+
+
+def get_chat_template(name: str) -> str:
+    """The template registered under `name`; raises ValueError listing the known names."""
+    try:
+        return CHAT_TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"Unknown chat template {name!r}: expected one of {sorted(CHAT_TEMPLATES)}.") from None

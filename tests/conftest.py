@@ -1,0 +1,46 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    """A tiny random (model, processor) pair: CLIP 32 px / patch 8 (16 image tokens), LLaMA 2 x 64."""
+    import modeling_llava  # noqa: F401  (registers the Auto classes)
+    from modeling_llava.builders import build_tiny_llava
+
+    model, processor = build_tiny_llava("mlp2x_gelu")
+    return model.eval(), processor
+
+
+@pytest.fixture
+def red_image():
+    return Image.new("RGB", (40, 30), (220, 30, 30))
+
+
+@pytest.fixture
+def blue_image():
+    image = Image.new("RGB", (32, 48), (255, 255, 255))
+    image.paste((20, 40, 220), (4, 4, 28, 40))
+    return image
+
+
+def user(text, image=None, image_first=True):
+    """A user message with typed content; `image` is a PIL image (or True for a placeholder)."""
+    parts = [{"type": "text", "text": text}]
+    if image is not None:
+        part = {"type": "image"} if image is True else {"type": "image", "image": image}
+        parts = [part, *parts] if image_first else [*parts, part]
+    return {"role": "user", "content": parts}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
