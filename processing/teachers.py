@@ -155,16 +155,18 @@ class TransformersTeacher:
         do_sample: bool = False,
         temperature: float | None = None,
         device: str | int | None = None,
-        **pipeline_kwargs,
+        pipeline_kwargs: dict | None = None,
+        **generate_kwargs,
     ):
+        """`pipeline_kwargs` go to `pipeline(...)` (e.g. `dtype`), `generate_kwargs` to each generation call."""
         from transformers import pipeline
 
         self.name = f"transformers:{model_id_or_path}"
         self.max_new_tokens = max_new_tokens
-        self.generate_kwargs = {"do_sample": do_sample}
+        self.generate_kwargs = {"do_sample": do_sample, **generate_kwargs}
         if do_sample and temperature is not None:
             self.generate_kwargs["temperature"] = temperature
-        self._pipe = pipeline("text-generation", model=model_id_or_path, device=device, **pipeline_kwargs)
+        self._pipe = pipeline("text-generation", model=model_id_or_path, device=device, **(pipeline_kwargs or {}))
         self._lock = threading.Lock()
 
     def complete(self, messages: list[dict[str, str]]) -> str:
