@@ -1,0 +1,340 @@
+"""Both LLaVA training stages with TRL's SFTTrainer.
+
+    accelerate launch training/sft.py --config training/recipes/stage1.yaml [--overrides ...]
+
+Stage 1 (feature alignment) starts from a pretrained vision encoder and a pretrained LM and trains the projector
+only; stage 2 (visual instruction tuning) starts from stage 1's output and trains projector + LM (full) or projector +
+LoRA adapters on the LM. The loss is on assistant tokens only, through TRL's `assistant_only_loss` and the
+`{% generation %}` markers of our chat templates. Scaling out (DDP, FSDP, DeepSpeed) is accelerate's job: pass one
+of `training/accelerate/*.yaml` to `accelerate launch --config_file`.
+"""
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import set_seed
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/sft.py` from a checkout
+
+import modeling_llava  # noqa: E402  (registers llava_plugin with the Auto classes)
+from modeling_llava import LlavaForCausalLM, LlavaProcessor  # noqa: E402
+from modeling_llava.builders import load_pretrained_parts  # noqa: E402
+from processing.chat_templates import get_chat_template  # noqa: E402
+from processing.llava_json import load_llava_json  # noqa: E402
+from training.export import PROJECTOR_FILE, save_stage_checkpoint  # noqa: E402
+
+
+
+
+@dataclass
+class LlavaArguments:
+    """What to train: the stage, where its model comes from, and which parameters move."""
+
+    stage: str = field(default="stage2", metadata={"help": "'stage1' (feature alignment) or 'stage2' (instruction tuning)."})
+    tune: str | None = field(
+        default=None,
+        metadata={"help": "'projector', 'full' (projector + LM) or 'lora' (projector + LoRA on the LM). "
+                  "Default: projector in stage 1, full in stage 2 (lora when --use_peft)."},
+    )
+    vision_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained vision encoder (CLIP/SigLIP) when starting from parts."}
+    )
+    language_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained causal LM when starting from parts."}
+    )
+    projector_path: str | None = field(
+        default=None, metadata={"help": f"A stage-1 `{PROJECTOR_FILE}` (or its folder) loaded onto the parts."}
+    )
+    projector_type: str = field(default="mlp2x_gelu", metadata={"help": "'linear' (paper) or 'mlp2x_gelu' (1.5)."})
+    vision_feature_layer: int = field(default=-2, metadata={"help": "Tower hidden state to project."})
+    vision_feature_select_strategy: str = field(default="default", metadata={"help": "'default' drops CLS."})
+    image_token_pooling: int = field(default=1, metadata={"help": "Average-pool stride over the patch grid."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "'vicuna_v1' or 'plain'. Default: the checkpoint's, or plain/vicuna_v1 for stage 1/2."},
+    )
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5) or 'crop' (paper)."})
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector when it differs from the LM's."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """The LLaVA JSON data and what to do with records that cannot be trained on."""
+
+    data_path: str = field(default=None, metadata={"help": "LLaVA JSON/JSONL file of the training data."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the records' `image` paths are in."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Optional LLaVA JSON for evaluation loss."})
+    data_policy: str = field(default="error", metadata={"help": "Bad records: 'error' or 'skip' (counted)."})
+    image_placement: str = field(
+        default="as_is", metadata={"help": "'as_is' or 'random' (the paper's first-turn rule, seeded)."}
+    )
+    overlong_policy: str = field(
+        default="error",
+        metadata={"help": "A record whose image tokens would not fit in max_length: 'error' or 'skip' (counted). "
+                  "Text past the image tokens is truncated as usual."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
+
+
+@dataclass
+class LlavaSFTConfig(SFTConfig):
+    """`SFTConfig` with LLaVA's defaults: loss on assistant tokens only, and mixed precision only where it pays."""
+
+    assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on assistant tokens (and their </s>)."})
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
+            # bf16 autocast on a CPU is slow and changes the numbers: fp32 there, bf16 (TRL's default) on GPUs.
+            self.bf16 = False
+        super().__post_init__()
+
+
+# -- model ----------------------------------------------------------------------------------------------------------
+
+
+def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfig):
+    """A llava_plugin checkpoint (`--model_name_or_path`) or pretrained parts (+ an optional stage-1 projector)."""
+    dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    default_template = "plain" if llava_args.stage == "stage1" else "vicuna_v1"
+    if model_args.model_name_or_path:
+        model = LlavaForCausalLM.from_pretrained(
+            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+        )
+        processor = LlavaProcessor.from_pretrained(model_args.model_name_or_path)
+        # A stage-1 checkpoint carries `plain`; stage 2 must not inherit it.
+        processor.chat_template = get_chat_template(llava_args.chat_template or default_template)
+    elif llava_args.vision_model_name_or_path and llava_args.language_model_name_or_path:
+        model, processor = load_pretrained_parts(
+            llava_args.vision_model_name_or_path,
+            llava_args.language_model_name_or_path,
+            projector_type=llava_args.projector_type,
+            chat_template=llava_args.chat_template or default_template,
+            image_aspect_ratio=llava_args.image_aspect_ratio,
+            dtype=dtype,
+            vision_feature_layer=llava_args.vision_feature_layer,
+            vision_feature_select_strategy=llava_args.vision_feature_select_strategy,
+            image_token_pooling=llava_args.image_token_pooling,
+        )
+    else:
+        raise ValueError(
+            "Give --model_name_or_path (a llava_plugin checkpoint) or both --vision_model_name_or_path and "
+            "--language_model_name_or_path (pretrained parts)."
+        )
+    if llava_args.projector_path:
+        load_projector(model, llava_args.projector_path)
+    return model, processor
+
+
+def load_projector(model, path) -> None:
+    """Loads a `mm_projector.safetensors` (ours) onto `model`; a mismatch names the keys or shapes."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECTOR_FILE
+    state = load_file(path)
+    projector = model.model.multi_modal_projector
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        raise ValueError(f"{path}: projector weights {found} do not fit this model's projector {expected}.")
+    projector.load_state_dict(state)
+
+
+def set_trainable(model, tune: str) -> None:
+    """Freezes what the stage does not train. The vision tower never trains."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if tune == "full":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+
+
+def check_trainable(model, tune: str) -> tuple[int, int]:
+    """Logs trainable/total parameters and fails loudly if a parameter outside the stage's set would train."""
+    allowed = {
+        "projector": ("multi_modal_projector",),
+        "full": ("multi_modal_projector", "language_model", "lm_head"),
+        "lora": ("multi_modal_projector", "lora_"),
+    }[tune]
+    trainable, total, offenders = 0, 0, []
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            if not any(part in name for part in allowed) or "vision_tower" in name:
+                offenders.append(name)
+    print(f"[llava] tune={tune}: trainable params {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
+    if offenders:
+        raise RuntimeError(f"tune={tune} must not train these parameters: {offenders[:10]}")
+    if trainable == 0:
+        raise RuntimeError(f"tune={tune}: nothing is trainable.")
+    return trainable, total
+
+
+def lora_target_regex(model) -> str:
+    """Every Linear layer of the language model, and nothing of the tower or the projector."""
+    names = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.model.language_model.named_modules()
+         if isinstance(module, torch.nn.Linear)}
+    )
+    return rf"model\.language_model\..*\.({'|'.join(map(re.escape, names))})"
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(path, data_args: DataArguments, processor, max_length: int | None, seed: int):
+    """LLaVA JSON -> TRL-ready dataset with a `length` column (for length grouping) and the overlong policy applied."""
+    dataset = load_llava_json(
+        path,
+        data_args.image_folder,
+        policy=data_args.data_policy,
+        image_placement=data_args.image_placement,
+        seed=seed,
+    )
+    if data_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+    # TRL's collator reads a column named `image` as the image itself; ours holds the file name (for round trips).
+    dataset = dataset.remove_columns([c for c in ("image", "llava_meta") if c in dataset.column_names])
+    tokenizer, image_id, per_image = processor.tokenizer, processor.image_token_id, processor.image_seq_length
+
+    def measure(batch):
+        texts = processor.apply_chat_template(batch["messages"])
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        lengths, image_ends = [], []
+        for row in ids:
+            # Each <image> becomes `per_image` tokens: where does the last image token land?
+            positions = [i for i, t in enumerate(row) if t == image_id]
+            n_images = len(positions)
+            lengths.append(len(row) + n_images * (per_image - 1))
+            image_ends.append(positions[-1] + 1 + n_images * (per_image - 1) if positions else 0)
+        return {"length": lengths, "image_end": image_ends}
+
+    dataset = dataset.map(measure, batched=True, batch_size=512, desc="Measuring lengths")
+    if max_length is not None:
+        overlong = [i for i, end in enumerate(dataset["image_end"]) if end > max_length]
+        if overlong and data_args.overlong_policy == "error":
+            first = dataset[overlong[0]]
+            raise ValueError(
+                f"{path}: record {first['id']!r} (field 'conversations') needs {first['image_end']} tokens to keep "
+                f"its image tokens but max_length is {max_length}; {len(overlong)} record(s) are like it. Raise "
+                "--max_length or pass --overlong_policy skip."
+            )
+        if overlong:
+            keep = sorted(set(range(len(dataset))) - set(overlong))
+            print(f"[llava] {path}: skipped {len(overlong)} record(s) whose image tokens would not fit max_length={max_length}")
+            dataset = dataset.select(keep)
+        dataset = dataset.map(lambda row: {"length": min(row["length"], max_length)}, desc="Clipping lengths")
+    return dataset.remove_columns("image_end")
+
+
+# -- trainer --------------------------------------------------------------------------------------------------------
+
+
+class LlavaSFTTrainer(SFTTrainer):
+    """SFTTrainer plus LLaVA's two needs: a separate projector learning rate, and the `length` column kept for
+    length-grouped sampling (TRL keeps only the message/image columns of vision datasets)."""
+
+    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+        self.projector_lr = projector_lr
+        super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._is_vision_dataset and "length" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "length"]
+
+    def create_optimizer(self, model=None):
+        if self.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = self.projector_lr if "multi_modal_projector" in name else self.args.learning_rate
+            wd = self.args.weight_decay if name in decay else 0.0
+            groups.setdefault((lr, wd), []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = optimizer_cls(
+            [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
+            **optimizer_kwargs,
+        )
+        return self.optimizer
+
+
+def resolve_defaults(llava_args: LlavaArguments, training_args: "LlavaSFTConfig", model_args: ModelConfig) -> str:
+    """Fills what the recipe left to the machine and the stage; returns the `tune` mode."""
+    if llava_args.stage not in ("stage1", "stage2"):
+        raise ValueError(f"Unknown stage {llava_args.stage!r}: expected 'stage1' or 'stage2'.")
+    tune = llava_args.tune or ("projector" if llava_args.stage == "stage1" else "lora" if model_args.use_peft else "full")
+    if tune not in ("projector", "full", "lora"):
+        raise ValueError(f"Unknown tune {tune!r}: expected 'projector', 'full' or 'lora'.")
+    if llava_args.stage == "stage1" and tune != "projector":
+        raise ValueError("Stage 1 trains the projector only (--tune projector).")
+    model_args.use_peft = tune == "lora"
+    if not training_args.assistant_only_loss:
+        raise ValueError("LLaVA trains on the assistant's answers only: keep assistant_only_loss=True.")
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False
+        }
+    return tune
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = TrlParser((LlavaArguments, DataArguments, LlavaSFTConfig, ModelConfig))
+    llava_args, data_args, training_args, model_args = parser.parse_args_and_config(argv)
+    tune = resolve_defaults(llava_args, training_args, model_args)
+    set_seed(training_args.seed)
+
+    model, processor = build_model_and_processor(llava_args, model_args)
+    set_trainable(model, tune)
+    peft_config = None
+    if tune == "lora":
+        model_args.lora_target_modules = model_args.lora_target_modules or lora_target_regex(model)
+        model_args.lora_modules_to_save = model_args.lora_modules_to_save or ["multi_modal_projector"]
+        peft_config = get_peft_config(model_args)
+
+    train_dataset = prepare_dataset(
+        data_args.data_path, data_args, processor, training_args.max_length, training_args.seed
+    )
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = prepare_dataset(
+            data_args.eval_data_path, data_args, processor, training_args.max_length, training_args.seed
+        )
+
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, with our card
+    trainer = LlavaSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        projector_lr=llava_args.projector_lr,
+    )
+    check_trainable(trainer.model, tune)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    summary = save_stage_checkpoint(
+        trainer, processor, training_args.output_dir, llava_args=llava_args, data_args=data_args,
+        model_args=model_args, tune=tune, train_result=result,
+    )
+    if push_to_hub and trainer.is_world_process_zero():
+        from hub_cards.push import push_checkpoint  # noqa: PLC0415
+
+        push_checkpoint(training_args.output_dir, training_args.hub_model_id, token=training_args.hub_token)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
