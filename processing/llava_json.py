@@ -16,7 +16,8 @@ takes directly:
   TRL's `prepare_multimodal_messages` fills them from `images`.
 - `images`: `List(Image())` holding the file path, decoded lazily; `[]` for text-only records
   (LLaVA-1.5 mix665k keeps text-only conversations without an `image` field).
-- `image` (str or None): the image path exactly as written in the file.
+- `image_file` (str or None): the `image` path exactly as written in the file. (Not called `image`: TRL
+  reads an `image` column as a single image and would replace `images` with it.)
 - `llava_meta` (str, JSON): whatever else is needed to write the record back byte-for-byte equivalent
   (extra top-level fields, key order, non-default whitespace around `<image>`). Usually `"{}"`.
 
@@ -70,7 +71,7 @@ FEATURES = datasets.Features(
             }
         ),
         "images": datasets.List(datasets.Image()),
-        "image": datasets.Value("string"),
+        "image_file": datasets.Value("string"),
         "llava_meta": datasets.Value("string"),
     }
 )
@@ -306,7 +307,7 @@ def _convert_record(
         "id": record_id,
         "messages": messages,
         "images": images,
-        "image": record["image"] if has_image else None,
+        "image_file": record["image"] if has_image else None,
         "llava_meta": json.dumps(meta, ensure_ascii=False) if meta else "{}",
     }
 
@@ -414,7 +415,9 @@ def row_to_llava_record(row: dict) -> dict:
     fields: dict[str, Any] = {}
     if not meta.get("id_missing"):
         fields["id"] = meta.get("id", row.get("id"))
-    image = row.get("image")
+    image = row.get("image_file")
+    if image is None and isinstance(row.get("image"), str):
+        image = row["image"]  # rows that carry the LLaVA field name
     if image is None and row.get("images"):
         # Rows from elsewhere (no `image` column): fall back to the stored file name.
         first = row["images"][0]
@@ -432,7 +435,7 @@ def row_to_llava_record(row: dict) -> dict:
 def _iter_rows(dataset_or_records: datasets.Dataset | Iterable[dict]) -> Iterator[dict]:
     if isinstance(dataset_or_records, datasets.Dataset):
         ds = dataset_or_records
-        if "image" in ds.column_names and "images" in ds.column_names:
+        if "image_file" in ds.column_names and "images" in ds.column_names:
             ds = ds.remove_columns("images")  # never decode images just to write JSON
         elif "images" in ds.column_names:
             ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))

@@ -107,7 +107,7 @@ def prepare_dataset_folder(
         shard.to_parquet(str(folder / "data" / f"train-{index:05d}-of-{num_shards:05d}.parquet"))
 
     if include_images:
-        for relative in dataset["image"]:
+        for relative in dataset["image_file"]:
             if relative is not None:
                 target = folder / "images" / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def prepare_dataset_folder(
         license=license,
         pretty_name=pretty_name,
         filter_stats=filter_stats,
-        text_only=sum(1 for image in dataset["image"] if image is None),
+        text_only=sum(1 for image in dataset["image_file"] if image is None),
         repo_id=repo_id,
         llava_json_name=LLAVA_JSON_NAME,
         include_images=include_images,

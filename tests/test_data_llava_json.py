@@ -59,7 +59,7 @@ def test_rows_are_trl_messages_with_lazy_images(tmp_path, images):
     # <image> after the text stays after it; the adjacent newline is stripped.
     assert ds[1]["messages"][0]["content"] == [{"type": "text", "text": "Give a brief description of the image."}, {"type": "image", "text": None}]
     # Text-only mix665k record: kept, with no images.
-    assert ds[2]["images"] == [] and ds[2]["image"] is None
+    assert ds[2]["images"] == [] and ds[2]["image_file"] is None
     for row in ds:
         for message in row["messages"]:
             assert all(set(part) == {"type", "text"} for part in message["content"])
@@ -81,6 +81,24 @@ def test_rows_feed_trl_prepare_multimodal_messages(tmp_path, images):
         image_parts = [p for m in filled for p in m["content"] if p["type"] == "image"]
         assert len(image_parts) == len(row["images"])
         assert all(p["image"] is not None for p in image_parts)
+
+
+def test_rows_go_through_trl_vision_collator(tmp_path, images, tiny_llava):
+    """The dataset feeds TRL's SFTTrainer collator as is, text-only records mixed in."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    _, processor = tiny_llava
+    ds = load_llava_json(write(tmp_path / "data.json", RECORDS), images)
+    # An `image` column would be taken by TRL as a single image and replace `images`.
+    assert "image" not in ds.column_names
+    batch = DataCollatorForVisionLanguageModeling(processor)([dict(row) for row in ds])
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    per_row = (batch["input_ids"] == image_token).sum(dim=1).tolist()
+    assert per_row[2] == 0 and per_row[0] == per_row[1] == per_row[3] == per_row[4] > 0  # row 2 is text-only
+    assert batch["pixel_values"].shape[0] == 4
+    # The image-after-text record keeps its order through the chat template.
+    text = processor.tokenizer.decode(batch["input_ids"][1])
+    assert text.index("Give a brief description of the image.") < text.index(processor.image_token)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
@@ -215,7 +233,7 @@ def test_skip_policy_counts_every_reason_and_prints_summary(tmp_path, images, ca
 
 def test_image_folder_defaults_to_json_folder_and_symlinks_inside_are_fine(tmp_path, images):
     write(images / "data.json", [GOOD])
-    assert load_llava_json(images / "data.json")["image"] == ["a.png"]
+    assert load_llava_json(images / "data.json")["image_file"] == ["a.png"]
     (images / "linked").symlink_to(images / "sub")
     ds = load_llava_json(write(tmp_path / "d.json", [mutated(image="linked/c.png")]), images)
     assert ds[0]["images"][0].size == (8, 6)
