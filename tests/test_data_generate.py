@@ -280,7 +280,7 @@ def test_cli_writes_jsonl_llava_json_and_cumulative_stats(world, tmp_path, capsy
     argv = [
         "--annotations-dir", str(world.annotations_dir), "--split", "train", "--types", "conversation", "complex",
         "--teacher", "symbolic", "--output", str(output), "--max-images", "5", "--concurrency", "2",
-        "--llava-json", str(llava), "--no-progress", "--no-fsync",
+        "--llava-json", str(llava), "--no-progress", "--fsync-interval", "0",
     ]
     stats = main(argv)
     assert stats.written == 10 and "written 10" in capsys.readouterr().out
