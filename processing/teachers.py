@@ -245,9 +245,9 @@ class SymbolicTeacher:
     `processing.prompts.TASK_LINES`) from the last user message, so it sits behind the same interface
     and reply format as the LLM teachers. Replies are deterministic given `seed` and the prompt.
 
-    Conversations always cover the three scene-probe question kinds with paraphrases — the color of a
-    shape, the number of shapes, and existence with one "yes" and one "no" question — plus position,
-    size or per-type counting questions. Every answer to a one-word question starts with that word
+    Conversations cover the three scene-probe question kinds with paraphrases — the number of shapes,
+    existence with one "yes" and one "no" question, and the color of a shape that occurs once (of all
+    shapes of a kind otherwise) — plus one or two position, size or per-type counting questions. Every answer to a one-word question starts with that word
     ("Red. ...", "Three. ...", "Yes, ...", "No, ...") so a student can be scored on its first word.
     """
 
