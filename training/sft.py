@@ -201,8 +201,8 @@ def prepare_dataset(path, data_args: DataArguments, processor, max_length: int |
     )
     if data_args.max_train_samples is not None:
         dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
-    # TRL's collator reads a column named `image` as the image itself; ours holds the file name (for round trips).
-    dataset = dataset.remove_columns([c for c in ("image", "llava_meta") if c in dataset.column_names])
+    # Only messages + images go to the collator (TRL would read an `image` column as the image itself).
+    dataset = dataset.remove_columns([c for c in ("image", "image_file", "llava_meta") if c in dataset.column_names])
     tokenizer, image_id, per_image = processor.tokenizer, processor.image_token_id, processor.image_seq_length
 
     def measure(batch):

@@ -1,0 +1,200 @@
+"""The whole LLaVA recipe in miniature, offline, on a CPU: the README's main command.
+
+    python examples/quickstart.py [--output-dir runs/quickstart] [--budget-minutes 10] [--preset default|tiny]
+
+1. the synthetic scene world (images of coloured shapes + COCO-format captions and boxes), train and eval splits;
+2. stand-ins for the pretrained parts: a tiny CLIP trained contrastively on the image-caption pairs and a tiny
+   LLaMA trained on the captions, with a tokenizer trained here;
+3. instruction data from the offline symbolic teacher: conversation, detailed description, complex reasoning;
+4. stage 1 (projector only) and stage 2 (projector + LM) through `training/sft.py`, the same code path as a real run;
+5. greedy answers to the held-out scene QA probe, scored on their first word -> `OUTPUT/eval_results.json`.
+
+Every step leaves its output under OUTPUT and is skipped when that output is already there, so an interrupted run
+continues where it stopped (stage 2 resumes from its last Trainer checkpoint).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is made locally
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class Preset:
+    train_images: int
+    eval_images: int
+    stage1_steps: int
+    stage2_steps: int
+    batch_size: int
+    parts: dict
+
+
+PRESETS = {
+    # ~10 minutes on 2 CPU cores.
+    "default": Preset(train_images=6000, eval_images=300, stage1_steps=60, stage2_steps=2100, batch_size=32,
+                      parts=dict(clip_steps=100, lm_steps=100)),
+    # Seconds: the code path, not the accuracy (used by the tests).
+    "tiny": Preset(train_images=48, eval_images=12, stage1_steps=3, stage2_steps=4, batch_size=8,
+                   parts=dict(vision_hidden_size=32, vision_layers=1, text_hidden_size=32, text_layers=1,
+                              clip_steps=2, clip_batch_size=16, lm_steps=2, lm_batch_size=8, vocab_size=400)),
+}
+# Measured share of the default run spent outside stage 2 (world, parts, data, stage 1, probe), in seconds.
+FIXED_COST_S = 170.0
+STAGE2_STEP_S = 0.2
+
+
+def log(message: str) -> None:
+    print(f"[quickstart] {message}", flush=True)
+
+
+def scale_to_budget(preset: Preset, budget_minutes: float | None) -> Preset:
+    """More or fewer stage-2 steps (the knob that buys accuracy) to fit a wall-clock budget."""
+    if budget_minutes is None:
+        return preset
+    steps = int((budget_minutes * 60 - FIXED_COST_S) / STAGE2_STEP_S)
+    return replace(preset, stage2_steps=max(100, steps))
+
+
+def make_data(out: Path, preset: Preset, seed: int):
+    from processing.generate import generate_from_annotations, jsonl_to_llava_json
+    from processing.synthetic import make_probe_set, make_scene_world, write_caption_data, write_probe_set
+    from processing.teachers import SymbolicTeacher
+
+    world_dir, data_dir = out / "world", out / "data"
+    if not (world_dir / "annotations" / "instances_eval.json").exists():
+        log(f"drawing the scene world: {preset.train_images} train + {preset.eval_images} eval images")
+        train = make_scene_world(world_dir, preset.train_images, "train", seed=seed)
+        make_scene_world(world_dir, preset.eval_images, "eval", seed=seed)
+        write_caption_data(train, data_dir / "captions.json", seed=seed)
+    if not (data_dir / "instruct.json").exists():
+        log("instruction data from the symbolic teacher (conversation, detail, complex)")
+        generate_from_annotations(
+            world_dir / "annotations", "train", SymbolicTeacher(seed=seed), data_dir / "instruct.jsonl",
+            seed=seed, concurrency=1,
+        )
+        jsonl_to_llava_json(data_dir / "instruct.jsonl", data_dir / "instruct.json")
+    probe_path = data_dir / "probe_eval.json"
+    if not probe_path.exists():
+        write_probe_set(make_probe_set(world_dir / "annotations" / "instances_eval.json", seed=seed), probe_path)
+    return world_dir, data_dir, probe_path
+
+
+def make_parts(out: Path, world_dir: Path, data_dir: Path, preset: Preset, seed: int) -> tuple[Path, Path]:
+    from transformers import AutoTokenizer
+
+    from training.miniature import PartsConfig, build_tokenizer, clip_retrieval_accuracy, corpus_texts
+    from training.miniature import train_clip_standin, train_lm_standin
+
+    cfg = PartsConfig(seed=seed, **preset.parts)
+    clip_dir, lm_dir = out / "parts" / "clip", out / "parts" / "lm"
+    annotations = world_dir / "annotations"
+    texts = corpus_texts(annotations, "train", data_dir / "instruct.json")
+    if not (lm_dir / "config.json").exists():
+        tokenizer = build_tokenizer(texts, cfg.vocab_size)
+        train_lm_standin(texts, tokenizer, lm_dir, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    if not (clip_dir / "config.json").exists():
+        train_clip_standin(world_dir / "images" / "train", annotations, "train", tokenizer, clip_dir, cfg)
+        accuracy = clip_retrieval_accuracy(
+            clip_dir, world_dir / "images" / "eval", annotations, "eval", tokenizer, n=min(256, preset.eval_images)
+        )
+        log(f"CLIP stand-in: held-out image->caption retrieval top-1 {accuracy:.3f}")
+    return clip_dir, lm_dir
+
+
+def run_stage(recipe: str, overrides: dict) -> dict:
+    from training.sft import main as sft_main
+
+    argv = ["--config", str(REPO / "training" / "recipes" / recipe)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", str(value)]
+    return sft_main(argv)
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=REPO / "runs" / "quickstart")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="wall-clock budget; scales the stage-2 steps (default: the preset's 2100)")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="override the stage-2 step count")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    preset = scale_to_budget(PRESETS[args.preset], args.budget_minutes)
+    if args.stage2_steps is not None:
+        preset = replace(preset, stage2_steps=args.stage2_steps)
+    out = args.output_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings, start = {}, time.time()
+
+    def lap(name):
+        now = time.time()
+        timings[name] = round(now - lap.last, 1)
+        lap.last = now
+
+    lap.last = start
+
+    world_dir, data_dir, probe_path = make_data(out, preset, args.seed)
+    lap("data")
+    clip_dir, lm_dir = make_parts(out, world_dir, data_dir, preset, args.seed)
+    lap("parts")
+
+    images = world_dir / "images" / "train"
+    common = {"image_folder": images, "per_device_train_batch_size": preset.batch_size, "seed": args.seed}
+    stage1, stage2 = out / "stage1", out / "stage2"
+    if not (stage1 / "training_summary.json").exists():
+        log("stage 1: projector only, on image-caption pairs")
+        run_stage("miniature_stage1.yaml", {
+            **common, "vision_model_name_or_path": clip_dir, "language_model_name_or_path": lm_dir,
+            "data_path": data_dir / "captions.json", "output_dir": stage1, "max_steps": preset.stage1_steps,
+        })
+    lap("stage1")
+    if not (stage2 / "training_summary.json").exists():
+        log(f"stage 2: projector + LM, {preset.stage2_steps} steps on instruction data")
+        resume = latest_checkpoint(stage2)
+        run_stage("miniature_stage2.yaml", {
+            **common, "model_name_or_path": stage1, "data_path": data_dir / "instruct.json", "output_dir": stage2,
+            "max_steps": preset.stage2_steps, **({"resume_from_checkpoint": resume} if resume else {}),
+        })
+    lap("stage2")
+
+    log("scene QA probe on held-out images")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from evaluation.scene_probe import evaluate_scene_probe
+
+    model = AutoModelForCausalLM.from_pretrained(stage2).eval()
+    processor = AutoProcessor.from_pretrained(stage2)
+    with torch.no_grad():
+        result = evaluate_scene_probe(
+            model, processor, json.loads(probe_path.read_text()), batch_size=64,
+            image_root=world_dir / "images" / "eval", progress=True,
+        )
+    lap("eval")
+    timings["total"] = round(time.time() - start, 1)
+    result = {**result, "timings_s": timings, "preset": args.preset, "stage2_steps": preset.stage2_steps,
+              "parts": asdict(preset)["parts"]}
+    (out / "eval_results.json").write_text(json.dumps(result, indent=2))
+    per_template = ", ".join(f"{k} {v:.3f}" for k, v in result["per_template"].items())
+    log(f"probe accuracy {result['overall']:.3f} ({per_template}) in {timings['total']:.0f} s -> {out}/eval_results.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()
