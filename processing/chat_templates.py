@@ -68,7 +68,39 @@ PLAIN = (
     "{%- endfor -%}"
 )
 
-CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1, "plain": PLAIN}
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+# Original LLaVA's `llava_v1` conversation: `vicuna_v1` with a system prompt that says "human". Its CLI and demo
+# picked it for every checkpoint with "v1" in the name (llava-v1.5-7b included), while training used `vicuna_v1`.
+LLAVA_V1 = VICUNA_V1.replace(VICUNA_V1_SYSTEM.replace("'", "\\'"), LLAVA_V1_SYSTEM.replace("'", "\\'"))
+
+# Original LLaVA's `llava_v0` (the paper's figure): `SYSTEM###Human: <image>\nQ###Assistant: A###Human: ...`.
+# `###` ends every turn and is the stop marker: it sits inside `{% generation %}` with the answer.
+LLAVA_V0 = (
+    _RENDER_CONTENT
+    + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{- render_content(messages[0]['content']) -}}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{{- '" + LLAVA_V1_SYSTEM.replace("'", "\\'") + "' -}}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{{- '###' -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'Human: ' + render_content(message['content']) + '###' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'Assistant:' -}}"
+    "{%- generation -%}{{- ' ' + render_content(message['content']) + '###' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- raise_exception('llava_v0 only knows the roles system, user and assistant') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
+CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1, "plain": PLAIN, "llava_v1": LLAVA_V1, "llava_v0": LLAVA_V0}
 
 
 def get_chat_template(name: str) -> str:
