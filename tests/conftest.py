@@ -44,3 +44,20 @@ def user(text, image=None, image_first=True):
 
 def assistant(text):
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The quickstart's tiny preset up to the parts: scene world, caption + instruction data, CLIP and LM stand-ins."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import quickstart
+
+    out = tmp_path_factory.mktemp("tiny_world")
+    preset = quickstart.PRESETS["tiny"]
+    world_dir, data_dir, probe_path = quickstart.make_data(out, preset, seed=0)
+    clip_dir, lm_dir = quickstart.make_parts(out, world_dir, data_dir, preset, seed=0)
+    return {
+        "root": out, "images": world_dir / "images" / "train", "eval_images": world_dir / "images" / "eval",
+        "captions": data_dir / "captions.json", "instruct": data_dir / "instruct.json", "probe": probe_path,
+        "clip": clip_dir, "lm": lm_dir,
+    }
