@@ -1,0 +1,1 @@
+"""Metrics as `evaluate` modules shipped in the repository: `evaluate.load("evaluation/metrics/pope")` works offline."""
