@@ -91,9 +91,13 @@ class LlavaSFTConfig(SFTConfig):
     assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on assistant tokens (and their </s>)."})
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             # bf16 autocast on a CPU is slow and changes the numbers: fp32 there, bf16 (TRL's default) on GPUs.
-            self.bf16 = False
+            if self.bf16 is None and not self.fp16:
+                self.bf16 = False
+            # Without it accelerate sees no device to run `--multi_gpu` processes on and each trains alone;
+            # with it they form one data-parallel group over gloo.
+            self.use_cpu = True
         super().__post_init__()
 
 
