@@ -88,6 +88,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+_EMBED_KEY = "model.language_model.embed_tokens.weight"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # In the order they are looked for: safetensors win over pickles when a folder holds both.
@@ -226,6 +227,22 @@ def expected_shapes(model_class, config) -> dict[str, torch.Size]:
     return shapes
 
 
+def tied_head_ignore(tied: bool, embed: torch.Tensor | None) -> Callable[[str, torch.Tensor], str | None] | None:
+    """`ignore` hook for checkpoints that store an LM head although the config ties it to the embeddings `embed`:
+    the copy is dropped when it equals them, and is an error when it does not."""
+    if not tied:
+        return None
+
+    def ignore(key: str, tensor: torch.Tensor) -> str | None:
+        if key not in ("lm_head.weight", "language_model.lm_head.weight"):
+            return None
+        if embed is not None and not torch.equal(embed, tensor):
+            raise ConversionError(f"{key} differs from the input embeddings, but the config ties them.")
+        return "tied to the input embeddings (tie_word_embeddings)"
+
+    return ignore
+
+
 def cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Casts floating-point tensors to `dtype` (None: unchanged); integer buffers keep theirs."""
     if dtype is None:
@@ -296,7 +313,7 @@ def save_ours(
     with torch.device("meta"):
         model = LlavaForCausalLM(config)
     if config.tie_word_embeddings:
-        state_dict = {**state_dict, "lm_head.weight": state_dict["model.language_model.embed_tokens.weight"]}
+        state_dict = {**state_dict, "lm_head.weight": state_dict[_EMBED_KEY]}
     model.load_state_dict(state_dict, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -518,8 +535,11 @@ def import_llava_hf(
         )
 
     expected = expected_shapes(LlavaForCausalLM, config)
+    source = read_state_dict(src)
+    embed = next((v for k, v in source.items() if hf_key_to_memory(k, expected) == _EMBED_KEY), None)
     state, rows, ignored = map_state_dict(
-        read_state_dict(src), lambda key: hf_key_to_memory(key, expected), expected, source_name=str(src)
+        source, lambda key: hf_key_to_memory(key, expected), expected, source_name=str(src),
+        ignore=tied_head_ignore(config.tie_word_embeddings, embed),
     )
     report.tensors, report.ignored = rows, ignored
     target_dtype = parse_dtype(dtype)
@@ -618,13 +638,14 @@ def export_llava_hf(
         )
     config = LlavaConfig.from_pretrained(src)
     source = read_state_dict(src)
-    target_dtype = parse_dtype(dtype) or floating_dtype(source, "model.language_model.embed_tokens.weight")
+    target_dtype = parse_dtype(dtype) or floating_dtype(source, _EMBED_KEY)
     hf_config = to_llava_hf_config(config, target_dtype)
 
     # Checked against the model transformers will build, under the names it holds in memory.
     expected = expected_shapes(LlavaForConditionalGeneration, hf_config)
     state, rows, ignored = map_state_dict(
-        source, lambda key: key if key in expected else None, expected, source_name=str(src)
+        source, lambda key: key if key in expected else None, expected, source_name=str(src),
+        ignore=tied_head_ignore(config.tie_word_embeddings, source.get(_EMBED_KEY)),
     )
     vision_type = config.vision_config.model_type
     on_disk = {memory_key_to_hf(key, layout, vision_type): tensor for key, tensor in cast(state, target_dtype).items()}

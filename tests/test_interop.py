@@ -22,13 +22,15 @@ from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaForConditionalGeneration,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
 )
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaProcessor as HFLlavaProcessor
 
 import modeling_llava  # noqa: F401  (registers the Auto classes)
 from modeling_llava import LlavaConfig, LlavaForCausalLM
-from modeling_llava.builders import build_tiny_llava
+from modeling_llava.builders import build_tiny_llava, processor_for
 from modeling_llava.convert_llava_hf import ConversionError, export_llava_hf, import_llava_hf, main
 from processing.tokenization import train_tokenizer
 
@@ -216,6 +218,89 @@ def test_export_layouts_on_disk_and_loaded_by_transformers(tmp_path, layout):
     assert config["image_seq_length"] == ours.config.image_seq_length and "auto_map" not in config
 
 
+def test_exported_processor_pads_to_square_like_original_llava(tmp_path):
+    _, processor = save_ours(tmp_path / "ours")
+    export_llava_hf(tmp_path / "ours", tmp_path / "hf")
+    hf_processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.new("RGB", (48, 24), (200, 40, 40))
+    exported = hf_processor.image_processor(image, return_tensors="pt")["pixel_values"]
+
+    # Original LLaVA: expand2square with int(mean * 255), image centred, then CLIP's resize and crop.
+    fill = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+    square = Image.new("RGB", (48, 48), fill)
+    square.paste(image, (0, 12))
+    assert torch.equal(exported, processor.image_processor(square, return_tensors="pt")["pixel_values"])
+
+    ours = processor.image_processor(processor.pad_to_square(image), return_tensors="pt")["pixel_values"]
+    if processor.pad_to_square(image).getpixel((0, 0)) != fill:
+        pytest.xfail(
+            f"processing_llava.pad_to_square fills with {processor.pad_to_square(image).getpixel((0, 0))}, original "
+            f"LLaVA and transformers' LlavaImageProcessor with int(mean * 255) = {fill}"
+        )
+    assert torch.equal(ours, exported)
+
+
+def test_siglip_tower_exports_as_full_strategy_and_matches(tmp_path):
+    """llava-hf's `default` drops the first token of any tower; SigLIP has no CLS, so our `default` is its `full`."""
+    model, processor = build_tiny_llava("mlp2x_gelu")
+    vision_config = SiglipVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    config = LlavaConfig(vision_config=vision_config, text_config=model.config.text_config, projector_type="mlp2x_gelu",
+                         image_token_id=model.config.image_token_id)
+    torch.manual_seed(0)
+    model = LlavaForCausalLM(config).eval()
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    processor = processor_for(model, processor.tokenizer, image_processor, image_aspect_ratio="pad")
+    model.save_pretrained(tmp_path / "ours")
+    processor.save_pretrained(tmp_path / "ours")
+
+    report = export_llava_hf(tmp_path / "ours", tmp_path / "hf")
+    assert any("cannot be expressed with SiglipImageProcessorPil" in note for note in report.notes)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["vision_feature_select_strategy"] == "full"
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    hf_processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert any(k.startswith("vision_tower.vision_model.") for k in load_file(tmp_path / "hf" / "model.safetensors"))
+
+    inputs = chat_inputs(processor, square_image())
+    assert torch.equal(inputs["input_ids"], chat_inputs(hf_processor, square_image())["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, hf(**inputs).logits, rtol=0, atol=1e-5)
+        assert torch.equal(model.generate(**inputs, **GREEDY), hf.generate(**inputs, **GREEDY))
+
+    import_llava_hf(tmp_path / "hf", tmp_path / "back")
+    back = LlavaConfig.from_pretrained(tmp_path / "back")
+    assert back.vision_feature_select_strategy == "default" and back.image_seq_length == 16
+
+
+def test_tied_embeddings_round_trip_and_a_stored_head_copy(tmp_path):
+    model, processor = build_tiny_llava("mlp2x_gelu")
+    config = LlavaConfig.from_dict({**model.config.to_dict(), "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    model = LlavaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "ours")
+    processor.save_pretrained(tmp_path / "ours")
+    export_llava_hf(tmp_path / "ours", tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert hf.config.tie_word_embeddings
+    assert hf.lm_head.weight.data_ptr() == hf.model.language_model.embed_tokens.weight.data_ptr()
+    assert torch.equal(hf.lm_head.weight, model.lm_head.weight)
+
+    # Some llava-hf checkpoints store the tied head anyway: an equal copy is dropped, a different one refused.
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    embed = state["language_model.model.embed_tokens.weight"]
+    save_file({**state, "language_model.lm_head.weight": embed.clone()}, path, metadata={"format": "pt"})
+    report = import_llava_hf(tmp_path / "hf", tmp_path / "back")
+    assert report.ignored == [("language_model.lm_head.weight", "tied to the input embeddings (tie_word_embeddings)")]
+    back = LlavaForCausalLM.from_pretrained(tmp_path / "back")
+    assert back.config.tie_word_embeddings and torch.equal(back.lm_head.weight, model.lm_head.weight)
+    save_file({**state, "language_model.lm_head.weight": embed + 1}, path, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="language_model.lm_head.weight differs from the input embeddings"):
+        import_llava_hf(tmp_path / "hf", tmp_path / "back2")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -316,8 +401,14 @@ def test_cli_prints_every_tensor_and_refuses_to_overwrite(tmp_path, capsys):
 
     assert main(["export", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "ours"), str(tmp_path / "hf"), "--overwrite", "--layout", "current"]) == 0
-    assert "model.language_model.norm.weight" in load_file(tmp_path / "hf" / "model.safetensors")
+    args = ["--overwrite", "--layout", "current", "--dtype", "bfloat16"]
+    assert main(["export", str(tmp_path / "ours"), str(tmp_path / "hf"), *args]) == 0
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "model.language_model.norm.weight" in state and {v.dtype for v in state.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.lm_head.weight, ours.lm_head.weight.to(torch.bfloat16))
 
 
 # -- a process that never saw this repository ------------------------------------------------------------------------
