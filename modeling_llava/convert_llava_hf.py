@@ -45,7 +45,7 @@ from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaProcessor as HFLlavaProcessor
 from transformers.utils import is_torchvision_available
 
-from processing.chat_templates import get_chat_template
+from processing.chat_templates import CHAT_TEMPLATES, get_chat_template
 from processing.processing_llava import LlavaProcessor
 
 from .configuration_llava import LlavaConfig, num_prefix_tokens
@@ -225,6 +225,19 @@ def expected_shapes(model_class, config) -> dict[str, torch.Size]:
     if getattr(config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def position_ids_ignore(key: str, tensor: torch.Tensor) -> str | None:
+    """`ignore` hook: older transformers saved the towers' `embeddings.position_ids` (an arange) as a weight."""
+    if key.endswith("embeddings.position_ids") and torch.equal(tensor.flatten(), torch.arange(tensor.numel())):
+        return "a buffer the model recomputes (0, 1, 2, ...)"
+    return None
+
+
+def combine_ignores(*hooks):
+    """One `ignore` hook from several (None entries skipped): the first reason given wins."""
+    hooks = [hook for hook in hooks if hook is not None]
+    return lambda key, tensor: next((why for hook in hooks if (why := hook(key, tensor))), None)
 
 
 def tied_head_ignore(tied: bool, embed: torch.Tensor | None) -> Callable[[str, torch.Tensor], str | None] | None:
@@ -539,7 +552,7 @@ def import_llava_hf(
     embed = next((v for k, v in source.items() if hf_key_to_memory(k, expected) == _EMBED_KEY), None)
     state, rows, ignored = map_state_dict(
         source, lambda key: hf_key_to_memory(key, expected), expected, source_name=str(src),
-        ignore=tied_head_ignore(config.tie_word_embeddings, embed),
+        ignore=combine_ignores(position_ids_ignore, tied_head_ignore(config.tie_word_embeddings, embed)),
     )
     report.tensors, report.ignored = rows, ignored
     target_dtype = parse_dtype(dtype)
@@ -661,8 +674,7 @@ def export_llava_hf(
     with atomic_output_dir(dst, overwrite) as out:
         save_safetensors(out, on_disk, max_shard_size)
         hf_config.save_pretrained(out)
-        if generation_config is not None:
-            generation_config.save_pretrained(out)
+        generation_config.save_pretrained(out)
         processor.save_pretrained(out)
     return report
 
@@ -708,7 +720,8 @@ def export_processor(src: Path, config: LlavaConfig, report: ConversionReport) -
     return hf_processor
 
 
-def _generation_config(src: Path, config) -> GenerationConfig | None:
+def _generation_config(src: Path, config) -> GenerationConfig:
+    """The source's generation config, or one derived from its language model's config."""
     if (src / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(src)
     return GenerationConfig.from_model_config(config.text_config)
@@ -736,7 +749,10 @@ def main(argv=None) -> int:
         command.add_argument("--max-shard-size", default="5GB")
         command.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
         if name == "import":
-            command.add_argument("--chat-template", default=None, help="replace the source's template (e.g. vicuna_v1)")
+            command.add_argument(
+                "--chat-template", default=None, choices=sorted(CHAT_TEMPLATES),
+                help="replace the source's template (default: keep it)",
+            )
             command.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default=None)
         else:
             command.add_argument("--layout", choices=LAYOUTS, default="hub")

@@ -50,13 +50,15 @@ from .convert_llava_hf import (
     atomic_output_dir,
     cast,
     check_distinct,
+    combine_ignores,
     expected_shapes,
     floating_dtype,
-    is_clip_like,
     map_state_dict,
     parse_dtype,
+    position_ids_ignore,
     read_state_dict,
     save_ours,
+    tied_head_ignore,
 )
 from .modeling_llava import LlavaForCausalLM
 
@@ -284,9 +286,12 @@ def convert_original_llava(
             return "model.vision_tower." + key.split("::", 1)[1]
         return projector_key(key, projector_type)
 
-    state, report.tensors, report.ignored = map_state_dict(
-        source, rename, expected, source_name=str(src), ignore=rotary_check(config.text_config)
+    ignore = combine_ignores(
+        rotary_check(config.text_config),
+        position_ids_ignore,
+        tied_head_ignore(config.tie_word_embeddings, source.get("model.embed_tokens.weight")),
     )
+    state, report.tensors, report.ignored = map_state_dict(source, rename, expected, source_name=str(src), ignore=ignore)
     state = cast(state, target_dtype)
 
     processor = LlavaProcessor(
@@ -296,8 +301,6 @@ def convert_original_llava(
         image_seq_length=config.image_seq_length,
         image_aspect_ratio=aspect,
     )
-    if aspect == "pad" and not is_clip_like(image_processor):
-        report.notes.append(f"padding to square before {type(image_processor).__name__}, as the original did.")
     generation_config = original_generation_config(src, config, image_token_id if added else None)
     report.notes.append(
         f"chat template {chat_template!r}, image_aspect_ratio={aspect!r}, {config.image_seq_length} image tokens per "

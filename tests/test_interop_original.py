@@ -377,6 +377,26 @@ def test_cli_runs_as_a_module_and_reports_every_tensor(tmp_path):
     assert processor.image_aspect_ratio == "crop"  # the config's "square"
 
 
+def test_tower_weights_carried_by_the_checkpoint_win_over_the_hub_tower(tmp_path):
+    """Checkpoints trained with an unfrozen tower store it as model.vision_tower.vision_tower.vision_model.*."""
+    tower = make_tower(tmp_path / "clip", full_clip=False)
+    state, _, _ = make_original(tmp_path / "orig", tower)
+    tuned = CLIPVisionModel.from_pretrained(tower)
+    for p in tuned.parameters():
+        p.data.add_(0.5)
+    state.update({f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in tuned.state_dict().items()})
+    # transformers 4.31 saved this buffer as a weight.
+    state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
+    write_weights(tmp_path / "orig", state, "safetensors")
+
+    report = convert_original_llava(tmp_path / "orig", tmp_path / "ours")
+    model = LlavaForCausalLM.from_pretrained(tmp_path / "ours")
+    for key, tensor in tuned.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[key], tensor), key
+    assert not any("::" in t.source for t in report.tensors)  # nothing taken from the --vision-tower folder
+    assert [k for k, _ in report.ignored] == ["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"]
+
+
 # -- bad input ------------------------------------------------------------------------------------------------------
 
 
