@@ -4,14 +4,16 @@ Each `<image>` in the text becomes `image_seq_length` image tokens, so the model
 features over them. Images are padded to a square with their mean colour (`image_aspect_ratio="pad"`, LLaVA-1.5) or
 resized and centre-cropped by the image processor (`"crop"`, the paper).
 
-This file is copied next to the weights by `save_pretrained`, so it imports nothing but `transformers`, `numpy` and
+This file is copied next to the weights by `save_pretrained`, so it imports nothing but `transformers`, `torch`, `numpy` and
 `PIL`: a checkpoint must load with `trust_remote_code=True` in a process that never installed this repository.
 """
 
+import bisect
 import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 from transformers.processing_utils import ProcessorMixin
 
@@ -95,6 +97,28 @@ class LlavaProcessor(ProcessorMixin):
                     f"{found} image tokens survive. Raise max_length, or drop such samples before training "
                     "(training/sft.py: --overlong_policy skip)."
                 )
+
+    def _adjust_assistant_masks_indices(self, processed_dict, generation_indices):
+        """The assistant mask of `apply_chat_template(..., return_assistant_tokens_mask=True)`: tokens overlapping a
+        `{% generation %}` span, the spans shifted past the expanded image tokens.
+
+        The same rule as transformers' own implementation, vectorised: that one walks the offsets tensor element by
+        element, which was 70% of a TRL collator call (0.43 of 0.61 s for 32 conversations).
+        """
+        offset_mapping = processed_dict.pop("offset_mapping")
+        replacement_offsets = processed_dict.pop("text_replacement_offsets", None) or [[]] * len(generation_indices)
+        masks = []
+        for offsets, spans, replacements in zip(offset_mapping, generation_indices, replacement_offsets):
+            offsets = torch.as_tensor(offsets).reshape(-1, 2)
+            placeholder_ends = [r["span"][1] for r in replacements]
+            chars_gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements]
+            mask = torch.zeros(offsets.shape[0], dtype=torch.bool)
+            for span in spans:
+                start, end = (char + chars_gained[bisect.bisect_right(placeholder_ends, char)] for char in span)
+                mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+            masks.append(mask.long().tolist())
+        processed_dict["assistant_masks"] = masks
+        return processed_dict
 
     # -- saving ---------------------------------------------------------------------------------------------------
     # transformers resolves a saved `"processor_class": "LlavaProcessor"` by name to *its own* LlavaProcessor, which

@@ -40,7 +40,8 @@ class PartsConfig:
     # 0.08 is what made the miniature recipe learn (0.15 was no better).
     text_initializer_range: float = 0.08
     lm_steps: int = 100
-    lm_batch_size: int = 64
+    lm_batch_size: int = 32
+    lm_max_length: int = 48
     lm_lr: float = 3e-3
     vocab_size: int = 1024
     seed: int = 0
@@ -136,7 +137,7 @@ def train_lm_standin(texts: list[str], tokenizer, out_dir, cfg: PartsConfig) -> 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.lm_steps)))
     for _ in tqdm(range(cfg.lm_steps), desc="LM stand-in (captions)"):
         batch = [tokenizer.bos_token + rng.choice(texts) + tokenizer.eos_token for _ in range(cfg.lm_batch_size)]
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt",
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=cfg.lm_max_length, return_tensors="pt",
                         add_special_tokens=False)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         model(**enc, labels=labels).loss.backward()
