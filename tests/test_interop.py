@@ -31,7 +31,7 @@ from transformers import LlavaProcessor as HFLlavaProcessor
 import modeling_llava  # noqa: F401  (registers the Auto classes)
 from modeling_llava import LlavaConfig, LlavaForCausalLM
 from modeling_llava.builders import build_tiny_llava, processor_for
-from modeling_llava.convert_llava_hf import ConversionError, export_llava_hf, import_llava_hf, main
+from modeling_llava.convert_llava_hf import ConversionError, export_llava_hf, import_llava_hf, main, read_state_dict
 from processing.tokenization import train_tokenizer
 
 
@@ -401,14 +401,19 @@ def test_cli_prints_every_tensor_and_refuses_to_overwrite(tmp_path, capsys):
 
     assert main(["export", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    args = ["--overwrite", "--layout", "current", "--dtype", "bfloat16"]
+    args = ["--overwrite", "--layout", "current", "--dtype", "bfloat16", "--max-shard-size", "100KB"]
     assert main(["export", str(tmp_path / "ours"), str(tmp_path / "hf"), *args]) == 0
-    state = load_file(tmp_path / "hf" / "model.safetensors")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    state = read_state_dict(tmp_path / "hf")
     assert "model.language_model.norm.weight" in state and {v.dtype for v in state.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
     assert hf.dtype == torch.bfloat16
     assert torch.equal(hf.lm_head.weight, ours.lm_head.weight.to(torch.bfloat16))
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0  # reads the shards back
+    back = LlavaForCausalLM.from_pretrained(tmp_path / "back")
+    assert back.dtype == torch.bfloat16 and torch.equal(back.lm_head.weight, hf.lm_head.weight)
 
 
 # -- a process that never saw this repository ------------------------------------------------------------------------
