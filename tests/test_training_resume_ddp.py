@@ -87,8 +87,8 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tiny_world, st
     subprocess.run([sys.executable, SFT, *stage2_args(tiny_world, stage1_dir, single, 4, steps=4, save_strategy="no")],
                    check=True, env=env(), capture_output=True)
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "training" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", "29517",
         SFT, *stage2_args(tiny_world, stage1_dir, ddp, 2, steps=4, save_strategy="no"),
     ]
     result = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
