@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from evaluation.metrics.scienceqa.scienceqa import LETTERS, extract_answer, scienceqa_accuracy
