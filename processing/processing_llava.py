@@ -71,7 +71,7 @@ class LlavaProcessor(ProcessorMixin):
         if width == height:
             return image
         mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        fill = tuple(int(round(m * 255)) for m in mean)
+        fill = tuple(int(m * 255) for m in mean)  # truncated, as the original and transformers do: (122, 116, 104)
         side = max(width, height)
         square = Image.new("RGB", (side, side), fill)
         square.paste(image, ((side - width) // 2, (side - height) // 2))

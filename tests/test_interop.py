@@ -232,11 +232,7 @@ def test_exported_processor_pads_to_square_like_original_llava(tmp_path):
     assert torch.equal(exported, processor.image_processor(square, return_tensors="pt")["pixel_values"])
 
     ours = processor.image_processor(processor.pad_to_square(image), return_tensors="pt")["pixel_values"]
-    if processor.pad_to_square(image).getpixel((0, 0)) != fill:
-        pytest.xfail(
-            f"processing_llava.pad_to_square fills with {processor.pad_to_square(image).getpixel((0, 0))}, original "
-            f"LLaVA and transformers' LlavaImageProcessor with int(mean * 255) = {fill}"
-        )
+    assert processor.pad_to_square(image).getpixel((0, 0)) == fill
     assert torch.equal(ours, exported)
 
 
