@@ -24,7 +24,7 @@ def checkpoint(tmp_path_factory):
     import make_tiny_checkpoint
 
     folder = tmp_path_factory.mktemp("tiny") / "ckpt"
-    make_tiny_checkpoint.main([str(folder)])
+    make_tiny_checkpoint.main([str(folder), "--seed", "3"])  # seed 3: replies depend on text, history and image
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     return folder, model, processor
@@ -62,22 +62,25 @@ def test_chat_command_streams_what_generate_produces(checkpoint, tmp_path):
         "Describe the image briefly.\n"
     )  # then end of input
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false", PYTHONIOENCODING="utf-8")
     result = subprocess.run(
         [sys.executable, "-m", "evaluation.chat", "--model", str(folder), "--image", str(tmp_path / "red.png"),
          "--device", "cpu", "--max-new-tokens", str(MAX_NEW_TOKENS)],
-        input=stdin, capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        input=stdin.encode(), capture_output=True, cwd=REPO, env=env, timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout, stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8", "replace")  # bytes: no newline translation
+    assert result.returncode == 0, stderr[-3000:]
 
     first = greedy_reply(model, processor, [user("What color is the shape?", red)])
     history = [user("What color is the shape?", red), assistant(first.strip()), user("And how many shapes are there?")]
     second = greedy_reply(model, processor, history)
     third = greedy_reply(model, processor, [user("Describe the image briefly.", blue)])
-    assert any(reply.strip() for reply in (first, second, third))  # the comparison is not between empty strings
-    assert result.stdout == f"ASSISTANT: {first}\nASSISTANT: {second}\nASSISTANT: {third}\n"
-    assert "cannot read image" in result.stderr and "corrupt.png" in result.stderr
-    assert "new conversation" in result.stderr
+    # The oracle replies depend on what the command must get right: history, and the image of the conversation.
+    assert second != greedy_reply(model, processor, [user("And how many shapes are there?", red)])
+    assert third != greedy_reply(model, processor, [user("Describe the image briefly.", red)])
+    assert stdout == f"ASSISTANT: {first}\nASSISTANT: {second}\nASSISTANT: {third}\n"
+    assert "cannot read image" in stderr and "corrupt.png" in stderr
+    assert "new conversation" in stderr
 
 
 def test_chat_command_rejects_a_missing_image_before_loading(tmp_path, capsys):
@@ -168,6 +171,7 @@ def test_gradio_respond_streams_the_reply(checkpoint, tmp_path):
     ]
     second = list(respond({"text": "why?", "files": []}, history))
     assert second[-1] == greedy_reply(model, processor, [user("color?", red), assistant(first[-1].strip()), user("why?")])
+    assert second[-1] != greedy_reply(model, processor, [user("why?", red)])  # so the history did reach the model
     assert list(respond({"text": "", "files": [str(tmp_path / "red.png")]}, [])) == [NO_QUESTION]
 
 
