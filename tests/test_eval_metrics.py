@@ -5,6 +5,7 @@ import pytest
 from conftest import REPO
 
 from evaluation.llava_bench import parse_scores
+from evaluation.metrics import metric_path
 from evaluation.metrics.first_word_accuracy.first_word_accuracy import first_word, first_word_accuracy
 from evaluation.metrics.pope.pope import pope_metrics, yes_no
 from evaluation.metrics.relative_score.relative_score import relative_scores
@@ -166,5 +167,6 @@ def test_first_word_rule():
     assert first_word("") == ""
     result = first_word_accuracy(["Red. The circle", "two", "Yes, there is", "", "blue-ish"], ["red", "three", "Yes", "", "blue"])
     assert result == {"accuracy": 3 / 5, "n": 5}  # the empty pair does not count as right
-    metric = evaluate.load(str(REPO / "evaluation" / "metrics" / "first_word_accuracy"))
+    metric = evaluate.load(metric_path("first_word_accuracy"))  # the same folder, found from the installed package
+    assert metric_path("first_word_accuracy") == str(REPO / "evaluation" / "metrics" / "first_word_accuracy")
     assert metric.compute(predictions=["Red.", "four"], references=["red", "three"]) == {"accuracy": 0.5, "n": 2}
