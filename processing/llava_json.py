@@ -50,6 +50,7 @@ PLACEMENTS = ("as_is", "random")
 # Stable reason names: they key the skip counts and are part of every error message.
 REASONS = (
     "invalid_json",
+    "invalid_utf8",
     "not_an_object",
     "missing_field",
     "bad_role",
@@ -131,25 +132,32 @@ def _iter_raw_records(path: Path, report: SkipReport, policy: str) -> Iterator[t
     """Yield (index, parsed record). A broken JSONL line is a record-level error; a broken JSON file is fatal."""
     if _is_jsonl(path):
         index = 0
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
+        # Bytes, decoded line by line: one line with invalid UTF-8 is one bad record, not a crash of the whole file.
+        with open(path, "rb") as f:
+            for line_number, raw_line in enumerate(f, start=1):
+                if not raw_line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    error = LlavaDataError(
-                        path, None, f"line {line_number}", "invalid_json", f"broken JSONL line {line_number}: {e.msg}"
-                    )
+                    record = json.loads(raw_line.decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    if isinstance(e, UnicodeDecodeError):
+                        reason, detail = "invalid_utf8", f"JSONL line {line_number} is not valid UTF-8 (byte {e.start})"
+                    else:
+                        reason, detail = "invalid_json", f"broken JSONL line {line_number}: {e.msg}"
                     report.total += 1
-                    _handle(error, report, policy)
+                    _handle(LlavaDataError(path, None, f"line {line_number}", reason, detail), report, policy)
                     continue
                 yield index, record
                 index += 1
         return
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise LlavaDataError(path, None, f"line {line}", "invalid_utf8", f"not valid UTF-8 at line {line} (byte {e.start})") from None
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as e:
         raise LlavaDataError(
             path, None, f"line {e.lineno}", "invalid_json", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
@@ -210,7 +218,8 @@ def _check_image_file(
         try:
             with Image.open(full) as im:
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        # DecompressionBombError: a header claiming more than 2x Image.MAX_IMAGE_PIXELS, refused before decoding.
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
             return fail("unreadable_image", f"cannot read image {full}: {type(e).__name__}: {e}")
     return os.path.abspath(full), None
 
