@@ -102,11 +102,14 @@ def find_annotation_files(annotations_dir: str | os.PathLike, split: str) -> tup
 
 
 def load_json(path: str | os.PathLike) -> dict:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not valid UTF-8 at line {line} (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
 def load_categories(instances_path: str | os.PathLike) -> list[str]:
