@@ -107,7 +107,8 @@ def load_image(image: Any, root: str | os.PathLike | None = None) -> Image.Image
     try:
         with Image.open(path) as opened:
             return opened.convert("RGB")  # convert() forces the decode, so a truncated file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    # DecompressionBombError: a header claiming more than 2x Image.MAX_IMAGE_PIXELS, refused before decoding.
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
