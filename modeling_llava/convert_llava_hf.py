@@ -304,6 +304,14 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path
         tmp.rename(dst)
 
 
+def load_our_config(src: str | Path) -> LlavaConfig:
+    """A llava-plugin checkpoint's config; an invalid field (e.g. an unknown projector_type) names config.json."""
+    try:
+        return LlavaConfig.from_pretrained(src)
+    except ValueError as error:
+        raise ConversionError(f"{Path(src) / 'config.json'}: {error}") from None
+
+
 def check_distinct(src: str | Path, dst: str | Path) -> None:
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if dst == src or src in dst.parents:
@@ -649,7 +657,7 @@ def export_llava_hf(
         raise ConversionError(
             f"{src / 'config.json'}: model_type is {raw.get('model_type')!r}, expected {LlavaConfig.model_type!r}."
         )
-    config = LlavaConfig.from_pretrained(src)
+    config = load_our_config(src)
     source = read_state_dict(src)
     target_dtype = parse_dtype(dtype) or floating_dtype(source, _EMBED_KEY)
     hf_config = to_llava_hf_config(config, target_dtype)

@@ -41,7 +41,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoToken
 from processing.chat_templates import CHAT_TEMPLATES, get_chat_template
 from processing.processing_llava import LlavaProcessor
 
-from .configuration_llava import LlavaConfig
+from .configuration_llava import LlavaConfig, projector_depth
 from .convert_llava_hf import (
     DTYPES,
     ConversionError,
@@ -53,6 +53,7 @@ from .convert_llava_hf import (
     combine_ignores,
     expected_shapes,
     floating_dtype,
+    load_our_config,
     map_state_dict,
     parse_dtype,
     position_ids_ignore,
@@ -233,6 +234,10 @@ def convert_original_llava(
     raw = read_original_config(src)
     where = str(src / "config.json")
     projector_type = raw.get("mm_projector_type", "linear")  # the original default
+    try:  # before any weights are read: a resampler or other projector cannot be converted
+        projector_depth(projector_type)
+    except ValueError as error:
+        raise ConversionError(f"{where}: field 'mm_projector_type': {error}") from None
     if "mm_vision_select_layer" not in raw:
         raise ConversionError(f"{where}: no mm_vision_select_layer.")
     strategy = strategy_of(raw.get("mm_vision_select_feature", "patch"), where)
@@ -368,7 +373,7 @@ def attach_projector(
     stage1_config_path = (src if src.is_dir() else src.parent) / "config.json"
     stage1 = json.loads(stage1_config_path.read_text()) if stage1_config_path.is_file() else {}
 
-    base_config = LlavaConfig.from_pretrained(base)
+    base_config = load_our_config(base)
     fields = base_config.to_dict()
     inferred = projector_type_of(projector)
     projector_type = stage1.get("mm_projector_type", inferred)
