@@ -9,12 +9,14 @@ LoRA adapters on the LM. The loss is on assistant tokens only, through TRL's `as
 of `training/accelerate/*.yaml` to `accelerate launch --config_file`.
 """
 
+import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
@@ -109,9 +111,12 @@ def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfi
     dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     default_template = "plain" if llava_args.stage == "stage1" else "vicuna_v1"
     if model_args.model_name_or_path:
-        model = LlavaForCausalLM.from_pretrained(
-            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
-        )
+        try:
+            model = LlavaForCausalLM.from_pretrained(
+                model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+            )
+        except ValueError as error:  # e.g. an unknown projector_type: say which checkpoint
+            raise ValueError(f"{model_args.model_name_or_path}: cannot load the checkpoint: {error}") from None
         processor = LlavaProcessor.from_pretrained(model_args.model_name_or_path)
         # A stage-1 checkpoint carries `plain`; stage 2 must not inherit it.
         processor.chat_template = get_chat_template(llava_args.chat_template or default_template)
@@ -239,6 +244,67 @@ def prepare_dataset(path, data_args: DataArguments, processor, max_length: int |
     return dataset.remove_columns("image_end")
 
 
+# -- resuming -------------------------------------------------------------------------------------------------------
+
+RESUME_LAST = ("last", "auto", "true")
+
+
+def incomplete_checkpoint_reason(folder) -> str | None:
+    """None when `folder` is a complete Trainer checkpoint, else what is wrong with it.
+
+    The Trainer writes a checkpoint in place (weights, optimizer, RNG state, then `trainer_state.json` last) with no
+    temporary folder, so a run killed while saving leaves a folder that looks like a checkpoint but is not one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "no such folder"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json (the Trainer writes it last: the save was interrupted)"
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json is cut off"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            return f"{index.name} is unreadable"
+    else:
+        shards = [n for n in ("model.safetensors", "adapter_model.safetensors") if (folder / n).is_file()][:1]
+    if not shards:
+        return "no weights (model.safetensors)"
+    for shard in shards:
+        try:
+            with safe_open(folder / shard, framework="pt"):  # checks the header against the file's length
+                pass
+        except Exception as error:  # noqa: BLE001 - missing, truncated or garbled: all mean "not complete"
+            return f"{shard} is missing or unreadable ({type(error).__name__})"
+    return None
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `last` (also `auto`/`true`) for the newest *complete*
+    `checkpoint-N` in `output_dir` (None: start from scratch). A given folder that is incomplete is an error."""
+    if value is None or str(value).strip() == "":
+        return None
+    if str(value).lower() in RESUME_LAST:
+        folders = [f for f in Path(output_dir).glob("checkpoint-*") if f.name.split("-")[-1].isdigit()] \
+            if Path(output_dir).is_dir() else []
+        for folder in sorted(folders, key=lambda f: int(f.name.split("-")[-1]), reverse=True):
+            reason = incomplete_checkpoint_reason(folder)
+            if reason is None:
+                print(f"[llava] resuming from {folder}")
+                return str(folder)
+            print(f"[llava] not resuming from {folder}: {reason}")
+        print(f"[llava] no complete checkpoint in {output_dir}: starting from scratch")
+        return None
+    reason = incomplete_checkpoint_reason(value)
+    if reason is not None:
+        raise ValueError(f"--resume_from_checkpoint {value}: not a complete checkpoint: {reason}.")
+    return str(value)
+
+
 # -- trainer --------------------------------------------------------------------------------------------------------
 
 
@@ -327,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
         projector_lr=llava_args.projector_lr,
     )
     check_trainable(trainer.model, tune)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     summary = save_stage_checkpoint(
         trainer, processor, training_args.output_dir, llava_args=llava_args, data_args=data_args,
