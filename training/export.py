@@ -3,10 +3,12 @@
 - a full self-contained checkpoint (weights as safetensors, code, processor; LoRA adapters merged in, the adapter
   itself kept in `adapter/`), so the next stage or `pipeline(...)` loads it directly;
 - `mm_projector.safetensors`: the projector alone, stage 1's small shareable artifact;
-- `README.md`: the model card; `training_summary.json`: the numbers the card shows.
+- `README.md`: the model card; `training_summary.json`: the numbers the card shows, written last (atomically, like
+  the card and the projector), so its presence marks a complete folder.
 """
 
 import json
+import os
 from pathlib import Path
 
 from safetensors import safe_open
@@ -17,6 +19,16 @@ from hub_cards.model_card import render_model_card
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 PROJECTOR_PREFIX = "model.multi_modal_projector."
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp_path)` then rename onto `path`: a killed run leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def extract_projector(checkpoint_dir, config) -> Path:
@@ -42,7 +54,7 @@ def extract_projector(checkpoint_dir, config) -> Path:
         "image_token_pooling": config.image_token_pooling,
     }
     path = checkpoint_dir / PROJECTOR_FILE
-    save_file(state, path, metadata={k: str(v) for k, v in metadata.items()})
+    write_atomically(path, lambda tmp: save_file(state, tmp, metadata={k: str(v) for k, v in metadata.items()}))
     return path
 
 
@@ -95,7 +107,6 @@ def save_stage_checkpoint(trainer, processor, output_dir, *, llava_args, data_ar
     if tune == "lora":
         summary["hyperparameters"].update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                                           lora_dropout=model_args.lora_dropout)
-    (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
 
     vision = llava_args.vision_model_name_or_path or config.vision_config.model_type
     language = llava_args.language_model_name_or_path or config.text_config.model_type
@@ -114,5 +125,7 @@ def save_stage_checkpoint(trainer, processor, output_dir, *, llava_args, data_ar
         repo_id=args.hub_model_id,
         has_projector=True,
     )
-    card.save(output_dir / "README.md")
+    write_atomically(output_dir / "README.md", card.save)
+    # Written last: a folder with training_summary.json holds the complete stage (weights, projector, card).
+    write_atomically(output_dir / "training_summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
