@@ -11,11 +11,18 @@ This file is copied next to the weights by `save_pretrained`, so it imports noth
 import bisect
 import json
 import os
+import re
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers.processing_utils import ProcessorMixin
+
+
+try:  # `sanitize_control_tokens=True` marks user-typed specials; a marked `<image>` is text, not a placeholder
+    from transformers.processing_utils import _UNMARKED
+except ImportError:  # a transformers without that feature
+    _UNMARKED = ""
 
 
 class ImageTokensTruncatedError(ValueError):
@@ -87,7 +94,7 @@ class LlavaProcessor(ProcessorMixin):
         input_ids = text_inputs["input_ids"]
         input_ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
         for index, (sample, ids) in enumerate(zip(text, input_ids)):
-            expected = sample.count(self.image_token)
+            expected = len(re.findall(_UNMARKED + re.escape(self.image_token), sample))
             found = list(ids).count(self.image_token_id)
             if found != expected:
                 needed = len(self.tokenizer(sample, add_special_tokens=False)["input_ids"])

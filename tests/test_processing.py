@@ -155,3 +155,13 @@ def test_unknown_template_and_aspect_ratio_are_named():
         get_chat_template("llava_v9")
     with pytest.raises(ValueError, match="Unknown image_aspect_ratio 'stretch'"):
         build_tiny_llava("linear", image_aspect_ratio="stretch")
+
+
+def test_a_typed_image_token_is_text_when_control_tokens_are_sanitized(tiny_llava, red_image):
+    """A user who types `<image>` must not create a placeholder (and must not break the token-count check)."""
+    _, processor = tiny_llava
+    conversation = [user("what is <image> here?", red_image)]
+    out = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
+    )
+    assert out["input_ids"][0].count(processor.image_token_id) == processor.image_seq_length

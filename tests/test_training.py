@@ -110,7 +110,7 @@ def test_stage2_starts_from_the_projector_artifact(stage1_dir, tiny_world, tmp_p
     assert "ASSISTANT:" in processor.chat_template
 
 
-def test_labels_of_a_real_batch_are_the_answers_and_their_eos(stage1_dir, tiny_world):
+def test_labels_of_a_real_batch_are_the_answers_and_their_eos(stage1_dir, tiny_world, tmp_path):
     """The batch the trainer actually feeds: kept labels are exactly the assistant answers, each ending in </s>."""
     from transformers import AutoProcessor
 
@@ -121,7 +121,7 @@ def test_labels_of_a_real_batch_are_the_answers_and_their_eos(stage1_dir, tiny_w
     model = sft.LlavaForCausalLM.from_pretrained(stage1_dir)
     dataset = prepare_dataset(tiny_world["instruct"], DataArguments(image_folder=str(tiny_world["images"])),
                               processor, 512, seed=0)
-    args = LlavaSFTConfig(output_dir="unused", per_device_train_batch_size=3, report_to="none",
+    args = LlavaSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, report_to="none",
                           gradient_checkpointing=False, train_sampling_strategy="sequential")
     trainer = LlavaSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     batch = next(iter(trainer.get_train_dataloader()))
