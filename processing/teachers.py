@@ -103,7 +103,8 @@ class OpenAICompatibleTeacher:
         return min(self.backoff_max, self.backoff_base * 2**attempt) * random.uniform(0.8, 1.0)
 
     def complete(self, messages: list[dict[str, str]]) -> str:
-        """Send the messages; retry 429 / 5xx / timeouts / connection errors up to `max_attempts` times."""
+        """Send the messages; retry 429 / 5xx / timeouts / connection errors / malformed bodies up to `max_attempts`
+        times."""
         import httpx2
         from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, OfflineModeIsEnabled
 
@@ -127,6 +128,10 @@ class OpenAICompatibleTeacher:
                 raise TeacherError(f"{self.base_url}: HF_HUB_OFFLINE=1 blocks HTTP requests; unset it to use this teacher") from None
             except (httpx2.TransportError, ConnectionError) as e:
                 reason = type(e).__name__
+            except (ValueError, LookupError, TypeError, AttributeError):
+                # A 200 whose body is cut off or not a chat completion (a proxy's error page, a truncated stream):
+                # as transient as a 502, so retried the same bounded way.
+                reason = "bad_response"
             last_error = reason
             with self._lock:
                 self.retries[reason] += 1
