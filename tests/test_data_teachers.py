@@ -4,14 +4,12 @@ import copy
 import json
 import os
 import re
-import threading
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+from http_fixtures import ScriptedServer, completion  # noqa: E402
 
 from processing.coco import load_coco_contexts  # noqa: E402
 from processing.generate import generate_instructions, grounding_filter_for, parse_reply  # noqa: E402
@@ -20,59 +18,8 @@ from processing.synthetic import NUMBER_WORDS, PROBE_TEMPLATES, load_scene_objec
 from processing.teachers import OpenAICompatibleTeacher, SymbolicTeacher, Teacher, TeacherError, TransformersTeacher  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
-# A scripted OpenAI-compatible server on 127.0.0.1
+# A scripted OpenAI-compatible server on 127.0.0.1 (tests/http_fixtures.py)
 # ---------------------------------------------------------------------------------------------------
-
-
-def completion(content):
-    return {
-        "id": "chatcmpl-test",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "test-model",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-
-
-class ScriptedServer:
-    """Answers POST /v1/chat/completions: first from `script` (status, headers, body, delay), then `default`."""
-
-    def __init__(self, default):
-        self.script, self.default, self.requests = [], default, []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
-                    step = server.script.pop(0) if server.script else None
-                status, headers, payload, delay = step or (200, {}, completion(server.default(body)), 0)
-                time.sleep(delay)
-                data = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
-                try:
-                    self.send_response(status)
-                    for key, value in {"Content-Type": "application/json", **headers}.items():
-                        self.send_header(key, value)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
