@@ -75,7 +75,8 @@ def test_every_fault_in_one_run_is_retried_or_counted_and_nothing_is_lost(server
 
     dropped = {reason: n for reason, n in teacher.retries.items() if reason.endswith("Error")}  # e.g. RemoteProtocolError
     assert sum(dropped.values()) == 1
-    assert dict(teacher.retries - dropped) == {"429": 1, "500": 1, "timeout": 1, "bad_response": 2}
+    others = {reason: n for reason, n in teacher.retries.items() if reason not in dropped}
+    assert others == {"429": 1, "500": 1, "timeout": 1, "bad_response": 2}
     assert 2.0 in sleeps and len(sleeps) == 6  # Retry-After honoured; one bounded wait per fault
     assert (stats.requested, stats.written, stats.unparsable, stats.teacher_errors) == (24, 22, 2, 0)
     assert "Anything else?" in " ".join(stats.examples["unparsable"]) and "unparsable replies 2" in stats.summary()
