@@ -44,7 +44,8 @@ PRESETS = {
                       parts=dict(clip_steps=100, lm_steps=100)),
     # Seconds: the code path, not the accuracy (used by the tests).
     "tiny": Preset(train_images=48, eval_images=12, stage1_steps=3, stage2_steps=4, batch_size=8,
-                   parts=dict(vision_hidden_size=32, vision_layers=1, text_hidden_size=32, text_layers=1,
+                   parts=dict(vision_hidden_size=32, vision_layers=1, text_hidden_size=32, text_intermediate_size=64,
+                              text_layers=1,
                               clip_steps=2, clip_batch_size=16, lm_steps=2, lm_batch_size=8, vocab_size=400)),
 }
 # Measured share of the default run spent outside stage 2 (world, parts, data, stage 1, probe), in seconds.

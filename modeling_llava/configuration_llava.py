@@ -45,6 +45,10 @@ class LlavaConfig(PreTrainedConfig):
             LLaVA-1.5 (`"mlp{N}x_gelu"` gives N Linear layers).
         projector_bias (`bool`, *optional*, defaults to `True`):
             Whether the projector's Linear layers have a bias (the original code and llava-hf do).
+        projector_layernorm (`bool`, *optional*, defaults to `False`):
+            A LayerNorm after the projector, so image tokens enter the LM at the scale of its embeddings. Not in the
+            paper or llava-hf; the miniature recipe uses it, where a tiny random-ish tower's features are far larger
+            than the LM's embeddings.
         vision_feature_layer (`int`, *optional*, defaults to `-2`):
             Index into the vision tower's hidden states whose features are projected; -2 is the second-to-last
             layer, as in the paper. Must lie in `[-(num_hidden_layers + 1), num_hidden_layers]`.
@@ -82,6 +86,7 @@ class LlavaConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     projector_type: str = "linear"
     projector_bias: bool = True
+    projector_layernorm: bool = False
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
     image_token_id: int | None = None

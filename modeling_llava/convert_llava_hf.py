@@ -477,6 +477,8 @@ def to_llava_hf_config(config: LlavaConfig, dtype: torch.dtype) -> HFLlavaConfig
         )
     if config.image_token_pooling != 1:
         problems.append(f"image_token_pooling={config.image_token_pooling}: llava-hf has no pooling of image tokens")
+    if getattr(config, "projector_layernorm", False):
+        problems.append("projector_layernorm=True: llava-hf's projector has no LayerNorm")
     if problems:
         raise ConversionError("This model cannot be exported to llava-hf:\n  " + "\n  ".join(problems))
     strategy, _ = hf_strategy(config)

@@ -62,12 +62,13 @@ class LlavaMultiModalProjector(nn.Module):
             in_size = vision_size if i == 1 else text_size
             setattr(self, f"linear_{i}", nn.Linear(in_size, text_size, bias=config.projector_bias))
         self.act = nn.GELU()
+        self.norm = nn.LayerNorm(text_size) if config.projector_layernorm else None
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         hidden_states = self.linear_1(image_features)
         for i in range(2, self.depth + 1):
             hidden_states = getattr(self, f"linear_{i}")(self.act(hidden_states))
-        return hidden_states
+        return self.norm(hidden_states) if self.norm is not None else hidden_states
 
 
 class LlavaPreTrainedModel(PreTrainedModel):

@@ -341,3 +341,55 @@ def write_caption_data(
     with open(path, "w", encoding="utf-8") as f:
         json.dump(records, f)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Short-answer VQA (the role VQAv2/GQA play in LLaVA-1.5's mix665k)
+# ---------------------------------------------------------------------------------------------------
+
+VQA_QUESTIONS = {
+    "color": ("What color is the {shape}?", "What is the color of the {shape}?", "Which color does the {shape} have?"),
+    "count": ("How many shapes are in the image?", "How many objects can you see?", "Count the shapes in the picture."),
+    "exists": ("Is there a {color} {shape} in the image?", "Do you see a {color} {shape}?", "Is a {color} {shape} present?"),
+}
+
+
+def scene_vqa_pairs(objects: list[SceneObject], rng: random.Random, turns: int = 6) -> list[tuple[str, str]]:
+    """Up to `turns` short-answer questions about one scene, none repeated: the number of shapes, the colour of up to
+    two shapes that occur once, and existence of distinct colour-shape pairs (alternating yes/no). Answers are single
+    words, like the probe's."""
+    shape_counts = Counter(o.shape for o in objects)
+    unique = [o for o in objects if shape_counts[o.shape] == 1]
+    present = sorted({o.category for o in objects})
+    absent = [c for c in CATEGORIES if c not in present]
+    rng.shuffle(unique)
+    rng.shuffle(present)
+    rng.shuffle(absent)
+    pairs = [(rng.choice(VQA_QUESTIONS["count"]), NUMBER_WORDS[len(objects)])]
+    pairs += [(rng.choice(VQA_QUESTIONS["color"]).format(shape=o.shape), o.color) for o in unique[:2]]
+    answer_yes = rng.random() < 0.5
+    while len(pairs) < turns and (present if answer_yes else absent):
+        color, shape = (present if answer_yes else absent).pop().split()
+        pairs.append((rng.choice(VQA_QUESTIONS["exists"]).format(color=color, shape=shape), "Yes" if answer_yes else "No"))
+        answer_yes = not answer_yes
+    rng.shuffle(pairs)
+    return pairs
+
+
+def write_scene_vqa(world: SceneWorld, path: str | os.PathLike, seed: int = 0, turns: int = 6) -> Path:
+    """Short-answer VQA as LLaVA JSON: one multi-turn record per image, `<image>` before or after the first question
+    at random, like LLaVA-1.5 groups VQAv2/GQA questions of an image into one conversation."""
+    files, scenes = load_scene_objects(world.instances_path)
+    records = []
+    for image_id in sorted(files):
+        rng = random.Random(f"vqa/{seed}/{image_id}")
+        conversations = []
+        for i, (question, answer) in enumerate(scene_vqa_pairs(scenes[image_id], rng, turns)):
+            if i == 0:
+                question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        records.append({"id": f"{image_id}_vqa", "image": files[image_id], "conversations": conversations})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, records)
+    return path

@@ -79,6 +79,16 @@ def test_projector_types(projector_type, n_linear):
     torch.testing.assert_close(projector(features), expected)
 
 
+def test_projector_layernorm_normalises_the_image_tokens():
+    vision_config, text_config = tiny_configs()
+    model = LlavaForCausalLM(LlavaConfig(vision_config=vision_config, text_config=text_config,
+                                         projector_type="mlp2x_gelu", projector_layernorm=True))
+    features = model.model.multi_modal_projector(torch.randn(2, 16, 32) * 50)
+    torch.testing.assert_close(features.mean(-1), torch.zeros(2, 16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(features.std(-1, unbiased=False), torch.ones(2, 16), atol=1e-3, rtol=0)
+    assert "model.multi_modal_projector.norm.weight" in model.state_dict()
+
+
 def test_image_features_replace_exactly_the_image_tokens(tiny_llava, red_image):
     model, processor = tiny_llava
     inputs = processor.apply_chat_template(

@@ -57,6 +57,7 @@ class LlavaArguments:
     vision_feature_layer: int = field(default=-2, metadata={"help": "Tower hidden state to project."})
     vision_feature_select_strategy: str = field(default="default", metadata={"help": "'default' drops CLS."})
     image_token_pooling: int = field(default=1, metadata={"help": "Average-pool stride over the patch grid."})
+    projector_layernorm: bool = field(default=False, metadata={"help": "LayerNorm after the projector."})
     chat_template: str | None = field(
         default=None,
         metadata={"help": "'vicuna_v1' or 'plain'. Default: the checkpoint's, or plain/vicuna_v1 for stage 1/2."},
@@ -131,6 +132,7 @@ def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfi
             vision_feature_layer=llava_args.vision_feature_layer,
             vision_feature_select_strategy=llava_args.vision_feature_select_strategy,
             image_token_pooling=llava_args.image_token_pooling,
+            projector_layernorm=llava_args.projector_layernorm,
         )
     else:
         raise ValueError(
