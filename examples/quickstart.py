@@ -5,7 +5,8 @@
 1. the synthetic scene world (images of coloured shapes + COCO-format captions and boxes), train and eval splits;
 2. stand-ins for the pretrained parts: a tiny CLIP trained contrastively on the image-caption pairs and a tiny
    LLaMA trained on the captions, with a tokenizer trained here;
-3. instruction data from the offline symbolic teacher: conversation, detailed description, complex reasoning;
+3. instruction data from the offline symbolic teacher (conversation, detailed description, complex reasoning), mixed
+   with short-answer VQA turns as LLaVA-1.5 mixes VQAv2/GQA into its 665K;
 4. stage 1 (projector only) and stage 2 (projector + LM) through `training/sft.py`, the same code path as a real run;
 5. greedy answers to the held-out scene QA probe, scored on their first word -> `OUTPUT/eval_results.json`.
 
@@ -36,6 +37,10 @@ class Preset:
     stage2_steps: int
     batch_size: int
     parts: dict
+    # Share of the train images that get a symbolic-teacher conversation / a detail + a complex sample; every image
+    # gets a short-answer VQA conversation.
+    conversation_share: float = 0.5
+    detail_complex_share: float = 0.25
 
 
 PRESETS = {
@@ -68,6 +73,7 @@ def scale_to_budget(preset: Preset, budget_minutes: float | None) -> Preset:
 def make_data(out: Path, preset: Preset, seed: int):
     from processing.generate import generate_from_annotations, jsonl_to_llava_json
     from processing.synthetic import make_probe_set, make_scene_world, write_caption_data, write_probe_set
+    from processing.synthetic import write_scene_vqa
     from processing.teachers import SymbolicTeacher
 
     world_dir, data_dir = out / "world", out / "data"
@@ -76,13 +82,19 @@ def make_data(out: Path, preset: Preset, seed: int):
         train = make_scene_world(world_dir, preset.train_images, "train", seed=seed)
         make_scene_world(world_dir, preset.eval_images, "eval", seed=seed)
         write_caption_data(train, data_dir / "captions.json", seed=seed)
-    if not (data_dir / "instruct.json").exists():
-        log("instruction data from the symbolic teacher (conversation, detail, complex)")
-        generate_from_annotations(
-            world_dir / "annotations", "train", SymbolicTeacher(seed=seed), data_dir / "instruct.jsonl",
-            seed=seed, concurrency=1,
-        )
-        jsonl_to_llava_json(data_dir / "instruct.jsonl", data_dir / "instruct.json")
+    if not (data_dir / "stage2.json").exists():
+        log("instruction data from the symbolic teacher (conversation, detail, complex) + short-answer VQA")
+        teacher, jsonl = SymbolicTeacher(seed=seed), data_dir / "instruct.jsonl"
+        for types, share in ((["conversation"], preset.conversation_share),
+                             (["detail", "complex"], preset.detail_complex_share)):
+            generate_from_annotations(
+                world_dir / "annotations", "train", teacher, jsonl, types=types, seed=seed, concurrency=1,
+                max_images=max(1, round(share * preset.train_images)), progress=False,
+            )
+        jsonl_to_llava_json(jsonl, data_dir / "instruct.json")
+        vqa = write_scene_vqa(world_dir / "annotations" / "instances_train.json", data_dir / "vqa.json", seed=seed)
+        mixed = json.loads(vqa.read_text()) + json.loads((data_dir / "instruct.json").read_text())
+        (data_dir / "stage2.json").write_text(json.dumps(mixed))
     probe_path = data_dir / "probe_eval.json"
     if not probe_path.exists():
         write_probe_set(make_probe_set(world_dir / "annotations" / "instances_eval.json", seed=seed), probe_path)
@@ -169,7 +181,7 @@ def main(argv=None) -> dict:
         log(f"stage 2: projector + LM, {preset.stage2_steps} steps on instruction data")
         resume = latest_checkpoint(stage2)
         run_stage("miniature_stage2.yaml", {
-            **common, "model_name_or_path": stage1, "data_path": data_dir / "instruct.json", "output_dir": stage2,
+            **common, "model_name_or_path": stage1, "data_path": data_dir / "stage2.json", "output_dir": stage2,
             "max_steps": preset.stage2_steps, **({"resume_from_checkpoint": resume} if resume else {}),
         })
     lap("stage2")

@@ -376,10 +376,10 @@ def scene_vqa_pairs(objects: list[SceneObject], rng: random.Random, turns: int =
     return pairs
 
 
-def write_scene_vqa(world: SceneWorld, path: str | os.PathLike, seed: int = 0, turns: int = 6) -> Path:
+def write_scene_vqa(instances_path: str | os.PathLike, path: str | os.PathLike, seed: int = 0, turns: int = 6) -> Path:
     """Short-answer VQA as LLaVA JSON: one multi-turn record per image, `<image>` before or after the first question
     at random, like LLaVA-1.5 groups VQAv2/GQA questions of an image into one conversation."""
-    files, scenes = load_scene_objects(world.instances_path)
+    files, scenes = load_scene_objects(instances_path)
     records = []
     for image_id in sorted(files):
         rng = random.Random(f"vqa/{seed}/{image_id}")
