@@ -38,6 +38,12 @@ def test_quickstart_tiny_runs_every_step_and_resumes(tmp_path):
     again = json.loads((out / "eval_results.json").read_text())
     assert (again["overall"], again["per_template"]) == (results["overall"], results["per_template"])
 
+    # Saved tokenizers carry no truncation left over from training: a prompt is never cut behind the user's back.
+    from transformers import AutoTokenizer
+
+    for folder in (out / "parts" / "lm", out / "stage1", out / "stage2"):
+        assert len(AutoTokenizer.from_pretrained(folder)(" red" * 600)["input_ids"]) >= 600, folder
+
     # The stage-2 checkpoint answers through the pipeline, from its own code.
     from PIL import Image
     from transformers import pipeline

@@ -138,10 +138,13 @@ def train_lm_standin(texts: list[str], tokenizer, out_dir, cfg: PartsConfig) -> 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.lm_steps))))
     for _ in tqdm(range(cfg.lm_steps), desc="LM stand-in (captions)"):
         batch = [tokenizer.bos_token + rng.choice(texts) + tokenizer.eos_token for _ in range(cfg.lm_batch_size)]
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=cfg.lm_max_length, return_tensors="pt",
-                        add_special_tokens=False)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        model(**enc, labels=labels).loss.backward()
+        # Truncated here, not by the tokenizer: a fast tokenizer called with truncation keeps that setting in its
+        # backend and saves it, and every later user of the saved tokenizer would be cut at lm_max_length.
+        enc = tokenizer(batch, padding=True, return_tensors="pt", add_special_tokens=False)
+        input_ids = enc["input_ids"][:, : cfg.lm_max_length]
+        attention_mask = enc["attention_mask"][:, : cfg.lm_max_length]
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()

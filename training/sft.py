@@ -218,7 +218,7 @@ def prepare_dataset(path, data_args: DataArguments, processor, max_length: int |
 
     def measure(batch):
         texts = processor.apply_chat_template(batch["messages"])
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
         lengths, image_ends = [], []
         for row in ids:
             # Each <image> becomes `per_image` tokens: where does the last image token land?
