@@ -47,8 +47,8 @@ class LlavaConfig(PreTrainedConfig):
             Whether the projector's Linear layers have a bias (the original code and llava-hf do).
         projector_layernorm (`bool`, *optional*, defaults to `False`):
             A LayerNorm after the projector, so image tokens enter the LM at the scale of its embeddings. Not in the
-            paper or llava-hf; the miniature recipe uses it, where a tiny random-ish tower's features are far larger
-            than the LM's embeddings.
+            paper or llava-hf (which cannot export it). In the miniature recipe it made things worse: the 16 tokens of
+            an image came out nearly identical and the LM learned to ignore them.
         vision_feature_layer (`int`, *optional*, defaults to `-2`):
             Index into the vision tower's hidden states whose features are projected; -2 is the second-to-last
             layer, as in the paper. Must lie in `[-(num_hidden_layers + 1), num_hidden_layers]`.
