@@ -52,3 +52,13 @@ def test_accelerate_configs():
     assert configs["deepspeed_zero2"]["deepspeed_config"]["zero_stage"] == 2
     assert configs["deepspeed_zero3"]["deepspeed_config"]["zero_stage"] == 3
     assert configs["cpu_ddp"]["num_processes"] == 2  # exercised by tests/test_training_resume_ddp.py
+
+
+def test_quantization_needs_lora():
+    from training.sft import resolve_defaults
+
+    llava, _, args, model = parse("stage2.yaml", "--load_in_4bit", "true")
+    with pytest.raises(ValueError, match="only be trained through LoRA"):
+        resolve_defaults(llava, args, model)
+    llava, _, args, model = parse("stage2_lora.yaml", "--load_in_4bit", "true")
+    assert resolve_defaults(llava, args, model) == "lora"

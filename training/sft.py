@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import set_seed
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/sft.py` from a checkout
@@ -30,8 +30,6 @@ from modeling_llava.builders import load_pretrained_parts  # noqa: E402
 from processing.chat_templates import get_chat_template  # noqa: E402
 from processing.llava_json import load_llava_json  # noqa: E402
 from training.export import PROJECTOR_FILE, save_stage_checkpoint  # noqa: E402
-
-
 
 
 @dataclass
@@ -111,10 +109,17 @@ def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfi
     """A llava_plugin checkpoint (`--model_name_or_path`) or pretrained parts (+ an optional stage-1 projector)."""
     dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     default_template = "plain" if llava_args.stage == "stage1" else "vicuna_v1"
+    quantization_config = get_quantization_config(model_args)  # QLoRA: --load_in_4bit (needs bitsandbytes + GPU)
+    if quantization_config is not None:
+        if not model_args.model_name_or_path:
+            raise ValueError("--load_in_4bit/--load_in_8bit quantize a stage-1 checkpoint: give --model_name_or_path.")
+        # Only the LM is quantized: the frozen tower stays exact and the projector trains in full precision.
+        quantization_config.llm_int8_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
     if model_args.model_name_or_path:
         try:
             model = LlavaForCausalLM.from_pretrained(
-                model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+                model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+                quantization_config=quantization_config,
             )
         except ValueError as error:  # e.g. an unknown projector_type: say which checkpoint
             raise ValueError(f"{model_args.model_name_or_path}: cannot load the checkpoint: {error}") from None
@@ -351,6 +356,8 @@ def resolve_defaults(llava_args: LlavaArguments, training_args: "LlavaSFTConfig"
         raise ValueError(f"Unknown tune {tune!r}: expected 'projector', 'full' or 'lora'.")
     if llava_args.stage == "stage1" and tune != "projector":
         raise ValueError("Stage 1 trains the projector only (--tune projector).")
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and tune != "lora":
+        raise ValueError("A quantized LM can only be trained through LoRA adapters: add --use_peft (QLoRA).")
     model_args.use_peft = tune == "lora"
     if not training_args.assistant_only_loss:
         raise ValueError("LLaVA trains on the assistant's answers only: keep assistant_only_loss=True.")
