@@ -47,14 +47,7 @@ def load_pretrained_parts(
         **config_kwargs,
     )
     image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=get_chat_template(chat_template),
-        image_seq_length=model.config.image_seq_length,
-        image_aspect_ratio=image_aspect_ratio,
-    )
-    return model, processor
+    return model, processor_for(model, tokenizer, image_processor, chat_template, image_aspect_ratio)
 
 
 def make_image_processor(image_size: int):

@@ -1,16 +1,14 @@
 """Dataset packaging (LLaVA JSON + parquet + card) and the push, against a local stand-in for the Hub."""
 
-import base64
 import json
 import os
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import datasets  # noqa: E402
+from http_fixtures import FakeHub  # noqa: E402
 import pytest  # noqa: E402
 from huggingface_hub import DatasetCard  # noqa: E402
 
@@ -80,61 +78,6 @@ def test_cli_prepares_folder_with_images(generated, tmp_path):
     assert "**Teacher:** my-teacher" in (folder / "README.md").read_text()
     ds = load_llava_json(folder / "llava" / "train.json", folder / "images")
     assert len(ds) == 25
-
-
-class FakeHub:
-    """The few Hub endpoints `create_repo` + `upload_folder` call; files from the commit land in `received`."""
-
-    def __init__(self, received: Path):
-        self.received, self.calls = received, []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def reply(self, payload, status=200):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                hub.calls.append((self.path, self.headers.get("authorization")))
-                if self.path == "/api/repos/create":
-                    request = json.loads(body)
-                    hub.created = request
-                    return self.reply({"url": f"{hub.url}/datasets/{request['organization']}/{request['name']}"})
-                if self.path == "/api/validate-yaml":
-                    return self.reply({"errors": [], "warnings": []})
-                if "/preupload/" in self.path:
-                    files = json.loads(body)["files"]
-                    # Everything as "regular" files: their content comes base64-encoded in the commit.
-                    return self.reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
-                if "/commit/" in self.path:
-                    for line in body.decode().splitlines():
-                        item = json.loads(line)
-                        if item["key"] == "file":
-                            target = hub.received / item["value"]["path"]
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            target.write_bytes(base64.b64decode(item["value"]["content"]))
-                    return self.reply({"commitUrl": f"{hub.url}/datasets/me/scene/commit/{'a' * 40}", "commitOid": "a" * 40})
-                self.reply({"error": f"not faked: {self.path}"}, status=404)
-
-            def do_GET(self):
-                hub.calls.append((self.path, None))
-                self.reply({"error": f"not faked: {self.path}"}, status=404)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_push_uploads_exactly_the_prepared_folder(generated, tmp_path, monkeypatch):

@@ -201,7 +201,7 @@ def test_lora_stage2_saves_merges_and_reloads(stage1_dir, tiny_world, tmp_path):
 
 def test_push_to_hub_uploads_a_folder_that_loads_back(stage1_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
-    from test_data_push import FakeHub
+    from http_fixtures import FakeHub
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     from hub_cards.push import push_checkpoint
