@@ -103,15 +103,21 @@ class LlavaModel(LlavaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected features of `pixel_values` `(num_images, 3, H, W)`: `(num_images, image_seq_length, hidden)`."""
-        config = self.config
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's selected features of `pixel_values` `(num_images, 3, H, W)`, before the projector:
+        `vision_feature_layer`, the select strategy and the pooling applied, `(num_images, image_seq_length,
+        vision_hidden)`. They depend on the frozen tower and the image only, so they can be computed once and passed
+        back as `vision_features` (training/feature_cache.py)."""
         tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(tower_trainable and torch.is_grad_enabled()):
             tower_dtype = next(self.vision_tower.parameters()).dtype
             outputs = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
-            features = outputs.hidden_states[config.vision_feature_layer]
-        return self.multi_modal_projector(self.select_and_pool(features))
+            features = outputs.hidden_states[self.config.vision_feature_layer]
+        return self.select_and_pool(features)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features of `pixel_values` `(num_images, 3, H, W)`: `(num_images, image_seq_length, hidden)`."""
+        return self.multi_modal_projector(self.get_vision_features(pixel_values))
 
     def select_and_pool(self, features: torch.Tensor) -> torch.Tensor:
         """Applies the select strategy (drop CLS or not) and the optional average pooling of the patch grid."""
@@ -151,18 +157,29 @@ class LlavaModel(LlavaPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> LlavaModelOutputWithPast | tuple:
+        r"""
+        vision_features (`torch.FloatTensor` of shape `(num_images, image_seq_length, vision_hidden)`, *optional*):
+            The tower's selected features (`get_vision_features`), given instead of `pixel_values` to skip the
+            frozen tower, e.g. read from a feature cache. The projector still runs on them.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("Pass pixel_values or vision_features, not both.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
-        if pixel_values is not None:
+        if pixel_values is not None or vision_features is not None:
             if input_ids is None:
-                raise ValueError("pixel_values need input_ids to locate the image tokens.")
-            image_features = self.get_image_features(pixel_values)
+                raise ValueError("Images need input_ids to locate the image tokens.")
+            if vision_features is None:
+                vision_features = self.get_vision_features(pixel_values)
+            projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
+            image_features = self.multi_modal_projector(vision_features.to(projector_dtype))
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
 
         outputs = self.language_model(
@@ -238,11 +255,13 @@ class LlavaForCausalLM(LlavaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> LlavaCausalLMOutputWithPast | tuple:
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
+            vision_features=vision_features,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,

@@ -9,6 +9,7 @@ LoRA adapters on the LM. The loss is on assistant tokens only, through TRL's `as
 of `training/accelerate/*.yaml` to `accelerate launch --config_file`.
 """
 
+import dataclasses
 import json
 import re
 import sys
@@ -30,6 +31,8 @@ from modeling_llava.builders import load_pretrained_parts  # noqa: E402
 from processing.chat_templates import get_chat_template  # noqa: E402
 from processing.llava_json import load_llava_json  # noqa: E402
 from training.export import PROJECTOR_FILE, save_stage_checkpoint  # noqa: E402
+from training.feature_cache import VisionFeatureCache, build_feature_cache, cached_feature_processor  # noqa: E402
+from training.sampling import ModalityLengthGroupedSampler, image_counts  # noqa: E402
 
 
 @dataclass
@@ -63,6 +66,12 @@ class LlavaArguments:
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5) or 'crop' (paper)."})
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector when it differs from the LM's."}
+    )
+    vision_feature_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the frozen-tower feature cache: the tower's features of every image are computed "
+                  "once (resumable, reused by later runs with the same tower and preprocessing) and training skips "
+                  "the tower. See training/feature_cache.py."},
     )
 
 
@@ -316,17 +325,37 @@ def resolve_resume_checkpoint(value: str | None, output_dir) -> str | None:
 
 
 class LlavaSFTTrainer(SFTTrainer):
-    """SFTTrainer plus LLaVA's two needs: a separate projector learning rate, and the `length` column kept for
-    length-grouped sampling (TRL keeps only the message/image columns of vision datasets)."""
+    """SFTTrainer plus LLaVA's needs: a separate projector learning rate; the `length` column kept for
+    length-grouped sampling (TRL keeps only the message/image columns of vision datasets), grouped by modality too
+    when image and text-only records mix; and the frozen-tower feature cache, through TRL's own collator."""
 
-    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+    def __init__(
+        self, *args, projector_lr: float | None = None, vision_feature_cache: VisionFeatureCache | None = None,
+        **kwargs,
+    ):
         self.projector_lr = projector_lr
         super().__init__(*args, **kwargs)
+        if vision_feature_cache is not None:
+            if not hasattr(self.data_collator, "processor"):
+                raise ValueError("vision_feature_cache needs TRL's vision collator (a collator with a `processor`).")
+            # Same collator, same text path; only its images become cached `vision_features`.
+            self.data_collator = dataclasses.replace(
+                self.data_collator, processor=cached_feature_processor(self.data_collator.processor, vision_feature_cache)
+            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self._is_vision_dataset and "length" not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, "length"]
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        columns = getattr(dataset, "column_names", None) or []
+        if self.args.train_sampling_strategy == "group_by_length" and {"images", "length"} <= set(columns):
+            has_image = [n > 0 for n in image_counts(dataset)]
+            if any(has_image) and not all(has_image):
+                return ModalityLengthGroupedSampler(dataset["length"], has_image, self.args.per_device_train_batch_size)
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         if self.projector_lr is None or self.optimizer is not None:
@@ -391,6 +420,19 @@ def main(argv: list[str] | None = None) -> dict:
             data_args.eval_data_path, data_args, processor, training_args.max_length, training_args.seed
         )
 
+    feature_cache = None
+    if llava_args.vision_feature_cache:
+        # Built by the first process of each machine; the others wait, then only check and read it.
+        with training_args.main_process_first(local=True, desc="vision feature cache"):
+            mixed = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+            if training_args.local_process_index == 0:
+                feature_cache = build_feature_cache(
+                    llava_args.vision_feature_cache, model, processor, [train_dataset, eval_dataset],
+                    device=training_args.device, dtype=mixed,
+                )
+            else:
+                feature_cache = VisionFeatureCache.for_model(llava_args.vision_feature_cache, model, processor, mixed)
+
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, with our card
     trainer = LlavaSFTTrainer(
         model=model,
@@ -400,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         peft_config=peft_config,
         projector_lr=llava_args.projector_lr,
+        vision_feature_cache=feature_cache,
     )
     check_trainable(trainer.model, tune)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
