@@ -29,11 +29,16 @@ def modality_length_grouped_indices(
     shuffled together, the longest first (an out-of-memory shows at step 1). The at most two partial batches come
     last, merged."""
     batches, leftovers = [], []
+    # transformers' megabatch size for the whole dataset, not per modality: the smaller modality would otherwise be
+    # sorted in smaller megabatches and carry more padding.
+    mega_batch_mult = max(1, min(len(lengths) // (batch_size * 4), 50))
     for wanted in (True, False):
         group = [i for i, flag in enumerate(has_image) if flag == wanted]
         if not group:
             continue
-        order = get_length_grouped_indices([lengths[i] for i in group], batch_size, generator=generator)
+        order = get_length_grouped_indices(
+            [lengths[i] for i in group], batch_size, mega_batch_mult=mega_batch_mult, generator=generator
+        )
         ordered = [group[j] for j in order]
         full = len(ordered) - len(ordered) % batch_size
         batches += [ordered[start : start + batch_size] for start in range(0, full, batch_size)]
