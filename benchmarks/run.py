@@ -1,0 +1,252 @@
+"""Ours vs the peer, in one run: training throughput of both stages, padding, peak memory, generation speed.
+
+    python benchmarks/run.py [--json results.json] [--quick] [--batch_size 8 --text_layers 6 ...]
+
+Ours is `LlavaForCausalLM` + our `LlavaProcessor` + `training/sft.py`'s `LlavaSFTTrainer` (length-grouped sampling;
+the frozen-tower feature cache where named). The peer is what a user gets without this plug-in: transformers'
+`LlavaForConditionalGeneration` with the same sizes and the same weights (converted by
+`modeling_llava.convert_llava_hf`), its `LlavaProcessor`, and TRL's `SFTTrainer` with its default vision collator
+and random sampling. Both train the same data with the same batch size, learning rate, precision (fp32 on a CPU,
+bf16 autocast on a GPU) and no gradient checkpointing.
+
+Fairness: every participant runs in its own process (its own peak memory, its own warm-up); after an untimed
+warm-up they take turns, one timed window each, the order rotating every round, so a change in machine load
+touches all sides alike. Throughput is the median over windows of samples/s and non-pad tokens/s (non-pad tokens
+include image tokens). On a CPU each participant runs 1 torch thread and the table's throughput is per second of
+that process's CPU time (the wall-clock ratios are reported next to it): on a shared machine a process can sit on
+a busy core for a whole window, and CPU time is what it actually computed. On a GPU it is wall time. The sizes are in `benchmarks/fixtures.py` (`BenchConfig`); every field is a flag here.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/run.py` from a checkout
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks import fixtures, worker  # noqa: E402
+from benchmarks.report import markdown_table  # noqa: E402
+
+
+TIMEOUT_S = 900  # a participant silent for this long is reported as stuck
+
+
+def parse_args(argv=None) -> tuple[fixtures.BenchConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="Also write the results as JSON here.")
+    parser.add_argument("--quick", action="store_true", help="Small sizes and one window: checks the script, not speed.")
+    parser.add_argument("--keep", type=Path, help="Build weights, data and cache in this folder and keep them.")
+    for f in fields(fixtures.BenchConfig):
+        if f.name == "generation_batches":
+            parser.add_argument("--generation_batches", type=int, nargs="+")
+        else:
+            parser.add_argument(f"--{f.name}", type=float if f.type is float else int)
+    args = parser.parse_args(argv)
+    values = dict(fixtures.QUICK) if args.quick else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(fixtures.BenchConfig) if getattr(args, f.name) is not None})
+    if "generation_batches" in values:
+        values["generation_batches"] = tuple(values["generation_batches"])
+    return fixtures.BenchConfig(**values), args
+
+
+class Participant:
+    """A worker process and its end of the pipe; a dead or stuck worker is an error naming it."""
+
+    def __init__(self, context, name: str, target, spec: dict):
+        self.name = name
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=target, args=(spec, child), daemon=True, name=name)
+        self.process.start()
+        child.close()
+
+    def recv(self) -> dict:
+        if not self.conn.poll(TIMEOUT_S):
+            raise RuntimeError(f"benchmark participant {self.name!r} sent nothing for {TIMEOUT_S} s")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(
+                f"benchmark participant {self.name!r} died (exit code {self.process.exitcode}); its traceback is above"
+            ) from None
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def join(self) -> None:
+        self.process.join(30)
+
+
+def _rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
+def run_training(context, specs: dict[str, dict], config) -> dict:
+    """Participants of one stage take turns, one timed window each; returns per-participant medians and raw windows."""
+    participants = {name: Participant(context, name, worker.train, spec) for name, spec in specs.items()}
+    for participant in participants.values():
+        assert participant.recv().get("ready")
+    windows = {name: [] for name in participants}
+    for round_ in range(1 + config.windows):  # round 0 is the untimed warm-up
+        for name in _rotated(list(participants), round_):
+            participants[name].send("go")
+            result = participants[name].recv()
+            if round_ > 0:
+                windows[name].append(result)
+    results = {}
+    for name, participant in participants.items():
+        final = participant.recv()
+        participant.join()
+        rows = windows[name]
+        results[name] = {
+            "samples_per_s": statistics.median(w["rows"] / w["seconds"] for w in rows),
+            "tokens_per_s": statistics.median(w["tokens"] / w["seconds"] for w in rows),
+            "samples_per_cpu_s": statistics.median(w["rows"] / w["cpu_seconds"] for w in rows),
+            "tokens_per_cpu_s": statistics.median(w["tokens"] / w["cpu_seconds"] for w in rows),
+            "seconds_per_step": statistics.median(w["seconds"] / w["steps"] for w in rows),
+            "padding_fed": final["padding_fed"],
+            "padding_epoch": final["padding_epoch"],
+            "peak_memory": final["peak_memory"],
+            "windows": rows,
+        }
+    return results
+
+
+def run_generation(context, specs: dict[str, dict], config) -> dict:
+    participants = {name: Participant(context, name, worker.generate, spec) for name, spec in specs.items()}
+    for participant in participants.values():
+        assert participant.recv().get("ready")
+    runs = {name: {size: [] for size in config.generation_batches} for name in participants}
+    for repeat in range(config.generation_repeats):
+        for size in config.generation_batches:
+            for name in _rotated(list(participants), repeat):
+                participants[name].send({"batch": size})
+                runs[name][size].append(participants[name].recv())
+    results = {name: {} for name in participants}
+    for name, participant in participants.items():
+        participant.send("stop")
+        results[name]["peak_memory"] = participant.recv()["peak_memory"]
+        participant.join()
+    names = list(participants)
+    for size in config.generation_batches:
+        for name in names:
+            rows = runs[name][size]
+            results[name][f"batch_{size}"] = {
+                "tokens_per_s": statistics.median(r["new_tokens"] / r["seconds"] for r in rows),
+                "tokens_per_cpu_s": statistics.median(r["new_tokens"] / r["cpu_seconds"] for r in rows),
+                "seconds": [r["seconds"] for r in rows],
+            }
+        first = runs[names[0]][size]
+        results.setdefault("identical_tokens", {})[f"batch_{size}"] = all(
+            runs[name][size][i]["tokens"] == first[i]["tokens"] for name in names for i in range(len(first))
+        )
+        results.setdefault("identical_prompts", {})[f"batch_{size}"] = all(
+            runs[name][size][i]["prompt_digest"] == first[i]["prompt_digest"] for name in names for i in range(len(first))
+        )
+    return results
+
+
+def record_lengths(data_path: str, images: str, ours: Path, chat_template: str) -> list[int]:
+    """Tokens per record after `<image>` expansion (our `length` column; the peer's processor writes the same ids)."""
+    from training import sft  # noqa: PLC0415
+
+    args = sft.LlavaArguments(chat_template=chat_template)
+    _, processor = sft.build_model_and_processor(args, sft.ModelConfig(model_name_or_path=str(ours)))
+    dataset = sft.prepare_dataset(data_path, sft.DataArguments(image_folder=images), processor, 2048, 0)
+    return list(dataset["length"])
+
+
+def build_cache(work: Path, ours: Path, data: dict, threads: int) -> dict:
+    """The feature cache both stages read (same images), built once here and timed: a one-off cost per dataset."""
+    import torch  # noqa: PLC0415
+
+    from processing.llava_json import load_llava_json  # noqa: PLC0415
+    from training import sft  # noqa: PLC0415
+    from training.feature_cache import build_feature_cache  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    model, processor = sft.build_model_and_processor(sft.LlavaArguments(), sft.ModelConfig(model_name_or_path=str(ours)))
+    dataset = load_llava_json(data["stage1"], data["images"])
+    start = time.perf_counter()
+    cache = build_feature_cache(work / "feature_cache", model, processor, [dataset], device="cuda" if torch.cuda.is_available() else "cpu")
+    return {"folder": str(cache.folder), "images": len(cache), "seconds": time.perf_counter() - start}
+
+
+def environment(threads: int) -> dict:
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+    import trl  # noqa: PLC0415
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "cpu_count": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def main(argv=None) -> dict:
+    config, args = parse_args(argv)
+    threads = config.threads
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = {"config": config.to_dict(), "environment": environment(threads)}
+        print(f"[bench] building data and weights in {work}", flush=True)
+        data = fixtures.build_data(config, work)
+        ours, peer = fixtures.build_weights(config, work, Path(data["captions"]))
+        results["feature_cache"] = cache = build_cache(work, ours, data, threads)
+        print(f"[bench] feature cache: {cache['images']} images in {cache['seconds']:.1f} s", flush=True)
+
+        common = dict(ours=str(ours), peer=str(peer), images=data["images"], batch_size=config.batch_size,
+                      warmup_steps=config.warmup_steps, windows=config.windows,
+                      steps_per_window=config.steps_per_window, threads=threads, seed=config.seed)
+        for stage, template, lr in (("stage1", "plain", config.stage1_lr), ("stage2", "vicuna_v1", config.stage2_lr)):
+            lengths = record_lengths(data[stage], data["images"], ours, template)
+            spec = dict(common, stage=stage, chat_template=template, data=data[stage], lr=lr, lengths=lengths)
+            specs = {
+                "ours_cached": dict(spec, side="ours", cache=cache["folder"]),
+                "ours": dict(spec, side="ours"),
+                "peer": dict(spec, side="peer"),
+            }
+            print(f"[bench] {stage}: {', '.join(specs)} take turns ({config.windows} windows of "
+                  f"{config.steps_per_window} steps after {config.warmup_steps} warm-up steps)", flush=True)
+            results[stage] = run_training(context, specs, config)
+
+        image_files = sorted(str(p) for p in Path(data["images"]).iterdir())[: max(config.generation_batches)]
+        spec = dict(common, new_tokens=config.new_tokens, generation_batches=list(config.generation_batches),
+                    image_files=image_files)
+        print("[bench] generation: ours and peer take turns", flush=True)
+        results["generation"] = run_generation(context, {"ours": dict(spec, side="ours"), "peer": dict(spec, side="peer")}, config)
+
+    results["environment"]["load_average_end"] = os.getloadavg()
+    results["wall_seconds"] = time.perf_counter() - started
+    # CPU time of this process and every participant: what the run costs whatever else the machine is doing.
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    results["cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in usage)
+    table = markdown_table(results)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**results, "table": table}, indent=2))
+        print(f"[bench] results written to {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
