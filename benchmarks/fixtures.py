@@ -49,7 +49,7 @@ class BenchConfig:
     steps_per_window: int = 1
     new_tokens: int = 32  # generated per prompt (min = max, so both sides generate the same count)
     generation_batches: tuple[int, ...] = (1, 8)
-    generation_repeats: int = 5
+    generation_repeats: int = 7
     # torch threads per participant. 1 on a CPU by default: participants take turns, but on a shared machine a
     # second OpenMP thread waits for a busy core at every parallel region (measured here: a 256x512 @ 512x1376
     # matmul took 17 ms with 2 threads under load, 4.7 ms with 1). On a GPU it does not matter.

@@ -50,10 +50,11 @@ def dataset_for(processor, path):
     return sft.prepare_dataset(path, sft.DataArguments(image_folder=str(path.parent / "images")), processor, 512, seed=0)
 
 
-def trainer_for(model, processor, dataset, tmp_path, cache=None):
+def trainer_for(model, processor, dataset, tmp_path, cache=None, workers=0):
     args = sft.LlavaSFTConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none",
         gradient_checkpointing=False, train_sampling_strategy="sequential", max_length=512,
+        dataloader_num_workers=workers,
     )
     return sft.LlavaSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                                vision_feature_cache=cache)
@@ -96,6 +97,18 @@ def test_cached_features_give_the_towers_loss_and_projector_gradients(data, tmp_
     for name in grads:
         assert grads[name].abs().max() > 0, name
         torch.testing.assert_close(cached_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_dataloader_workers_read_the_cache_too(data, tmp_path):
+    model, processor = build_tiny_llava("mlp2x_gelu")
+    dataset = dataset_for(processor, data)
+    cache = build_feature_cache(tmp_path / "cache", model, processor, [dataset])
+    cache.features([dataset[0]["images"][0]])  # file handles opened in this process are not shared with workers
+    inline = list(trainer_for(model, processor, dataset, tmp_path, cache).get_train_dataloader())
+    in_workers = list(trainer_for(model, processor, dataset, tmp_path, cache, workers=2).get_train_dataloader())
+    assert len(inline) == len(in_workers) == 3
+    for a, b in zip(inline, in_workers):
+        assert torch.equal(a["vision_features"], b["vision_features"]) and torch.equal(a["labels"], b["labels"])
 
 
 def test_the_model_refuses_pixels_and_features_together(tiny_llava):
