@@ -30,7 +30,8 @@ class BenchConfig:
 
     Default model: a CLIP tower at 224 px with 14 px patches (256 image tokens; 12 layers of width 384, 6 heads:
     ViT-S/14's shape, e.g. DINOv2-S/14), an `mlp2x_gelu` projector, a LLaMA of hidden 512 x 4 layers (intermediate
-    1376, 8 heads) and a byte-level BPE vocabulary of 1024. Data: 128 images; batch 4 per step; 1 torch thread per participant on a CPU.
+    1376, 8 heads) and a byte-level BPE vocabulary of 1024. Data: 128 images; batch 4 per step; 1 torch thread
+    per participant on a CPU.
     """
 
     image_size: int = 224
@@ -127,7 +128,8 @@ def build_data(config: BenchConfig, out: Path) -> dict:
         captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
     rng = random.Random(config.seed)
     records = [
-        {"id": str(image_id), "image": files[image_id], "conversations": _conversation(scenes[image_id], captions[image_id], rng)}
+        {"id": str(image_id), "image": files[image_id],
+         "conversations": _conversation(scenes[image_id], captions[image_id], rng)}
         for image_id in sorted(files)
     ]
     stage2 = out / "stage2.json"

@@ -14,7 +14,8 @@ warm-up they take turns, one timed window each, the order rotating every round, 
 touches all sides alike. Throughput is the median over windows of samples/s and non-pad tokens/s (non-pad tokens
 include image tokens). On a CPU each participant runs 1 torch thread and the table's throughput is per second of
 that process's CPU time (the wall-clock ratios are reported next to it): on a shared machine a process can sit on
-a busy core for a whole window, and CPU time is what it actually computed. On a GPU it is wall time. The sizes are in `benchmarks/fixtures.py` (`BenchConfig`); every field is a flag here.
+a busy core for a whole window, and CPU time is what it actually computed. On a GPU it is wall time. The sizes
+are in `benchmarks/fixtures.py` (`BenchConfig`); every field is a flag here.
 """
 
 import argparse
@@ -180,7 +181,8 @@ def build_cache(work: Path, ours: Path, data: dict, threads: int) -> dict:
     model, processor = sft.build_model_and_processor(sft.LlavaArguments(), sft.ModelConfig(model_name_or_path=str(ours)))
     dataset = load_llava_json(data["stage1"], data["images"])
     start = time.perf_counter()
-    cache = build_feature_cache(work / "feature_cache", model, processor, [dataset], device="cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = build_feature_cache(work / "feature_cache", model, processor, [dataset], device=device)
     return {"folder": str(cache.folder), "images": len(cache), "seconds": time.perf_counter() - start}
 
 
@@ -232,7 +234,8 @@ def main(argv=None) -> dict:
         spec = dict(common, new_tokens=config.new_tokens, generation_batches=list(config.generation_batches),
                     image_files=image_files)
         print("[bench] generation: ours and peer take turns", flush=True)
-        results["generation"] = run_generation(context, {"ours": dict(spec, side="ours"), "peer": dict(spec, side="peer")}, config)
+        sides = {"ours": dict(spec, side="ours"), "peer": dict(spec, side="peer")}
+        results["generation"] = run_generation(context, sides, config)
 
     results["environment"]["load_average_end"] = os.getloadavg()
     results["wall_seconds"] = time.perf_counter() - started

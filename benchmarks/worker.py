@@ -208,7 +208,8 @@ def generate(spec: dict, conn) -> None:
     else:
         from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
 
-        model, processor = LlavaForConditionalGeneration.from_pretrained(spec["peer"]), AutoProcessor.from_pretrained(spec["peer"])
+        model = LlavaForConditionalGeneration.from_pretrained(spec["peer"])
+        processor = AutoProcessor.from_pretrained(spec["peer"])
     model = model.to(device).eval()
     questions = ["What color is the circle?", "How many shapes are in the image?", "Describe the image in detail.",
                  "Is there a red square in the image?"]
@@ -238,7 +239,8 @@ def generate(spec: dict, conn) -> None:
             elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
             prompt = inputs[size]["input_ids"]
             conn.send({
-                "batch": size, "seconds": elapsed, "cpu_seconds": cpu, "new_tokens": int(output.shape[0] * (output.shape[1] - prompt.shape[1])),
+                "batch": size, "seconds": elapsed, "cpu_seconds": cpu,
+                "new_tokens": int(output.shape[0] * (output.shape[1] - prompt.shape[1])),
                 "tokens": output[:, prompt.shape[1]:].tolist(),
                 "prompt_digest": hashlib.sha256(prompt.cpu().numpy().tobytes()).hexdigest(),
             })

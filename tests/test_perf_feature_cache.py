@@ -34,7 +34,8 @@ def write_data(folder, n=10, seed=0):
         turns = []
         for t in range(rng.randint(1, 3)):
             question = ("<image>\n" if t == 0 else "") + "what color is the circle?"
-            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": "the circle is red." * rng.randint(1, 3)}]
+            answer = "the circle is red." * rng.randint(1, 3)
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         records.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
     path = folder / "data.json"
     path.write_text(json.dumps(records))

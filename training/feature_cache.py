@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Config fields that do not change what the tower computes.
-_IGNORED_CONFIG_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "output_hidden_states",
-                        "return_dict", "use_cache", "id2label", "label2id"}
+_IGNORED_CONFIG_KEYS = {
+    "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "output_hidden_states",
+    "return_dict", "use_cache", "id2label", "label2id",
+}
 
 
 class FeatureCacheError(ValueError):

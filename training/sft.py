@@ -339,9 +339,8 @@ class LlavaSFTTrainer(SFTTrainer):
             if not hasattr(self.data_collator, "processor"):
                 raise ValueError("vision_feature_cache needs TRL's vision collator (a collator with a `processor`).")
             # Same collator, same text path; only its images become cached `vision_features`.
-            self.data_collator = dataclasses.replace(
-                self.data_collator, processor=cached_feature_processor(self.data_collator.processor, vision_feature_cache)
-            )
+            processor = cached_feature_processor(self.data_collator.processor, vision_feature_cache)
+            self.data_collator = dataclasses.replace(self.data_collator, processor=processor)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
