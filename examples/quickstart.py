@@ -163,7 +163,9 @@ def main(argv=None) -> dict:
     lap("parts")
 
     images = world_dir / "images" / "train"
-    common = {"image_folder": images, "per_device_train_batch_size": preset.batch_size, "seed": args.seed}
+    # Both stages read the frozen tower's features from one cache, computed once (the tower never trains).
+    common = {"image_folder": images, "per_device_train_batch_size": preset.batch_size, "seed": args.seed,
+              "vision_feature_cache": out / "vision_feature_cache"}
     stage1, stage2 = out / "stage1", out / "stage2"
     if not (stage1 / "training_summary.json").exists():
         log("stage 1: projector only, on image-caption pairs")
