@@ -355,23 +355,41 @@ VQA_QUESTIONS = {
 
 
 def scene_vqa_pairs(objects: list[SceneObject], rng: random.Random, turns: int = 6) -> list[tuple[str, str]]:
-    """Up to `turns` short-answer questions about one scene, none repeated: the number of shapes, the colour of up to
-    two shapes that occur once, and existence of distinct colour-shape pairs (alternating yes/no). Answers are single
-    words, like the probe's."""
+    """Up to `turns` short-answer questions about one scene, none repeated: the number of shapes, the colour of a shape
+    that occurs once, and existence of distinct colour-shape pairs, as many "yes" as "no" where the scene allows.
+    Answers are single words, like the probe's.
+
+    No answer can be read off the other turns of the same conversation, or the LM learns that instead of looking at
+    the image: an existence question never names the shape whose colour is asked, and the yes/no order is random.
+    Half of the "no" questions name a colour or a shape that is in the scene, so that answering them needs the colour
+    bound to the shape.
+    """
     shape_counts = Counter(o.shape for o in objects)
     unique = [o for o in objects if shape_counts[o.shape] == 1]
-    present = sorted({o.category for o in objects})
-    absent = [c for c in CATEGORIES if c not in present]
-    rng.shuffle(unique)
-    rng.shuffle(present)
-    rng.shuffle(absent)
     pairs = [(rng.choice(VQA_QUESTIONS["count"]), NUMBER_WORDS[len(objects)])]
-    pairs += [(rng.choice(VQA_QUESTIONS["color"]).format(shape=o.shape), o.color) for o in unique[:2]]
-    answer_yes = rng.random() < 0.5
-    while len(pairs) < turns and (present if answer_yes else absent):
-        color, shape = (present if answer_yes else absent).pop().split()
-        pairs.append((rng.choice(VQA_QUESTIONS["exists"]).format(color=color, shape=shape), "Yes" if answer_yes else "No"))
-        answer_yes = not answer_yes
+    asked_shape = None
+    if unique:
+        asked = rng.choice(unique)
+        asked_shape = asked.shape
+        pairs.append((rng.choice(VQA_QUESTIONS["color"]).format(shape=asked.shape), asked.color))
+    present_categories = {o.category for o in objects}
+    present = sorted(c for c in present_categories if c.split()[1] != asked_shape)
+    absent = sorted(c for c in CATEGORIES if c not in present_categories and c.split()[1] != asked_shape)
+    present_parts = {part for c in present_categories for part in c.split()}
+    near_misses = [c for c in absent if set(c.split()) & present_parts]
+    rng.shuffle(present)
+    n_yes = min(len(present), (turns - len(pairs)) // 2)
+    questions = [(c, "Yes") for c in present[:n_yes]]
+    for _ in range(max(n_yes, 1)):
+        pool = near_misses if near_misses and rng.random() < 0.5 else absent
+        category = pool[rng.randrange(len(pool))]
+        absent.remove(category)
+        if category in near_misses:
+            near_misses.remove(category)
+        questions.append((category, "No"))
+    for category, answer in questions:
+        color, shape = category.split()
+        pairs.append((rng.choice(VQA_QUESTIONS["exists"]).format(color=color, shape=shape), answer))
     rng.shuffle(pairs)
     return pairs
 

@@ -21,6 +21,8 @@ from processing.synthetic import (  # noqa: E402
     load_scene_objects,
     make_probe_set,
     make_scene_world,
+    scene_vqa_pairs,
+    sample_scene,
     write_caption_data,
     write_probe_set,
 )
@@ -134,6 +136,49 @@ def test_probe_set_templates_answers_and_balance(worlds):
             assert p["answer"] == ("Yes" if present else "No")
     answers = Counter(p["answer"] for p in probes if p["template"] == "exists")
     assert answers["Yes"] == answers["No"] == 20
+
+
+VQA_PATTERNS = {
+    "color": re.compile(r"^(?:What color is the|What is the color of the|Which color does the) (\w+)(?: have)?\?$"),
+    "exists": re.compile(r"^(?:Is there a|Do you see a|Is a) (\w+) (\w+)(?: in the image| present)?\?$"),
+}
+
+
+def test_scene_vqa_answers_are_true_and_not_given_away_by_other_turns():
+    import random
+
+    rng = random.Random(0)
+    answers, near_misses, no_answers = Counter(), 0, 0
+    for _ in range(2000):
+        objects = sample_scene(rng)
+        pairs = scene_vqa_pairs(objects, rng, turns=6)
+        assert 2 <= len(pairs) <= 6 and len({q for q, _ in pairs}) == len(pairs)
+        categories, shapes = {o.category for o in objects}, Counter(o.shape for o in objects)
+        colour_shapes, exists_shapes = set(), set()
+        for question, answer in pairs:
+            if answer in NUMBER_WORDS:
+                assert answer == NUMBER_WORDS[len(objects)]
+                answers["count"] += 1
+            elif match := VQA_PATTERNS["color"].match(question):
+                assert shapes[match[1]] == 1 and answer == next(o.color for o in objects if o.shape == match[1])
+                colour_shapes.add(match[1])
+                answers["color"] += 1
+            else:
+                match = VQA_PATTERNS["exists"].match(question)
+                assert match, question
+                category = f"{match[1]} {match[2]}"
+                assert answer == ("Yes" if category in categories else "No")
+                exists_shapes.add(match[2])
+                answers[answer] += 1
+                if answer == "No":
+                    no_answers += 1
+                    near_misses += bool({match[1], match[2]} & {part for c in categories for part in c.split()})
+        # "Is there a red circle? Yes" would give away "What color is the circle?" in the same conversation.
+        assert not colour_shapes & exists_shapes
+    # Yes/no close to balanced, every question type frequent, and "no" often needs colour bound to shape.
+    assert 0.8 < answers["Yes"] / answers["No"] <= 1.0
+    assert min(answers.values()) > 0.2 * max(answers.values())
+    assert near_misses > 0.4 * no_answers
 
 
 def test_probe_and_caption_data_load_as_llava_json(tmp_path, worlds):
