@@ -98,6 +98,7 @@ def build_tiny_llava(
     image_aspect_ratio: str = "pad",
     corpus: Iterable[str] | None = None,
     seed: int = 0,
+    vision_feature_norm: bool = False,
 ) -> tuple[LlavaForCausalLM, LlavaProcessor]:
     """A random tiny LLaVA (CLIP tower + LLaMA LM) with a tokenizer trained here on `corpus`. Seconds on a CPU."""
     tokenizer = train_tokenizer(corpus or _TINY_CORPUS, vocab_size=vocab_size)
@@ -129,6 +130,7 @@ def build_tiny_llava(
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         image_token_pooling=image_token_pooling,
         vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_feature_norm=vision_feature_norm,
     )
     torch.manual_seed(seed)
     model = LlavaForCausalLM(config)

@@ -49,6 +49,13 @@ class LlavaConfig(PreTrainedConfig):
             A LayerNorm after the projector, so image tokens enter the LM at the scale of its embeddings. Not in the
             paper or llava-hf (which cannot export it). In the miniature recipe it made things worse: the 16 tokens of
             an image came out nearly identical and the LM learned to ignore them.
+        vision_feature_norm (`bool`, *optional*, defaults to `False`):
+            Standardizes the vision features per channel before the projector, with fixed statistics stored as the
+            projector's `feature_mean` / `feature_std` buffers (fitted once on the training images before stage 1,
+            `training/sft.py --vision_feature_norm`; identity until then). Not in the paper: real CLIP features work
+            without it. It is for towers whose features share one large common vector, like the miniature recipe's
+            tiny CLIP, where every image token looked alike to the LM (probe 0.59 -> 0.71 at 400 stage-2 steps, and
+            existence questions left chance only with it). llava-hf export folds it into `linear_1`.
         vision_feature_layer (`int`, *optional*, defaults to `-2`):
             Index into the vision tower's hidden states whose features are projected; -2 is the second-to-last
             layer, as in the paper. Must lie in `[-(num_hidden_layers + 1), num_hidden_layers]`.
@@ -87,6 +94,7 @@ class LlavaConfig(PreTrainedConfig):
     projector_type: str = "linear"
     projector_bias: bool = True
     projector_layernorm: bool = False
+    vision_feature_norm: bool = False
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
     image_token_id: int | None = None

@@ -629,6 +629,26 @@ def import_processor(src: Path, config: LlavaConfig, chat_template, image_aspect
     )
 
 
+def fold_vision_feature_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`vision_feature_norm` is an affine map before `linear_1`, so it folds into it exactly:
+    W (x - m) / s + b = (W / s) x + (b - (W / s) m). llava-hf then computes the same projector without it."""
+    prefix = next((k[: -len("feature_mean")] for k in state if k.endswith("multi_modal_projector.feature_mean")), None)
+    if prefix is None:
+        return state
+    state = dict(state)
+    mean, std = state.pop(prefix + "feature_mean").double(), state.pop(prefix + "feature_std").double()
+    weight, bias = state[prefix + "linear_1.weight"], state.get(prefix + "linear_1.bias")
+    folded = weight.double() / std
+    shift = folded @ mean
+    if bias is None:
+        if shift.abs().max() > 0:
+            raise ConversionError("vision_feature_norm with projector_bias=False cannot fold into llava-hf's projector.")
+    else:
+        state[prefix + "linear_1.bias"] = (bias.double() - shift).to(bias.dtype)
+    state[prefix + "linear_1.weight"] = folded.to(weight.dtype)
+    return state
+
+
 def export_llava_hf(
     src: str | Path,
     dst: str | Path,
@@ -660,7 +680,7 @@ def export_llava_hf(
             f"{src / 'config.json'}: model_type is {raw.get('model_type')!r}, expected {LlavaConfig.model_type!r}."
         )
     config = load_our_config(src)
-    source = read_state_dict(src)
+    source = fold_vision_feature_norm(read_state_dict(src))
     target_dtype = parse_dtype(dtype) or floating_dtype(source, _EMBED_KEY)
     hf_config = to_llava_hf_config(config, target_dtype)
 

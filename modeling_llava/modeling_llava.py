@@ -63,8 +63,14 @@ class LlavaMultiModalProjector(nn.Module):
             setattr(self, f"linear_{i}", nn.Linear(in_size, text_size, bias=config.projector_bias))
         self.act = nn.GELU()
         self.norm = nn.LayerNorm(text_size) if config.projector_layernorm else None
+        if config.vision_feature_norm:
+            # Buffers, not parameters: statistics of the frozen tower's features, fitted once, never trained.
+            self.register_buffer("feature_mean", torch.zeros(vision_size))
+            self.register_buffer("feature_std", torch.ones(vision_size))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "feature_mean"):
+            image_features = (image_features - self.feature_mean) / self.feature_std
         hidden_states = self.linear_1(image_features)
         for i in range(2, self.depth + 1):
             hidden_states = getattr(self, f"linear_{i}")(self.act(hidden_states))

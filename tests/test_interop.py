@@ -163,6 +163,31 @@ def test_exported_model_matches_ours_logits_and_greedy(tmp_path, strategy):
     assert torch.equal(ours_tokens, hf_tokens)
 
 
+def test_vision_feature_norm_folds_into_the_exported_projector(tmp_path):
+    model, processor = build_tiny_llava("mlp2x_gelu", vision_feature_norm=True)
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():  # statistics far from the identity, as fitted ones are
+        projector.feature_mean.copy_(torch.linspace(-2, 3, projector.feature_mean.numel()))
+        projector.feature_std.copy_(torch.linspace(0.2, 4, projector.feature_std.numel()))
+    model.save_pretrained(tmp_path / "ours")
+    processor.save_pretrained(tmp_path / "ours")
+    ours = load_ours(tmp_path / "ours")[0]
+    export_llava_hf(tmp_path / "ours", tmp_path / "hf")
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    inputs = chat_inputs(processor, square_image())
+    with torch.no_grad():
+        ours_logits, hf_logits = ours(**inputs).logits, hf.eval()(**inputs).logits
+        unnormalized = ours.model.multi_modal_projector.linear_1(ours.model.get_vision_features(inputs["pixel_values"]))
+        normalized = ours.model.multi_modal_projector.linear_1(
+            (ours.model.get_vision_features(inputs["pixel_values"]) - projector.feature_mean) / projector.feature_std
+        )
+    torch.testing.assert_close(ours_logits, hf_logits, rtol=0, atol=1e-4)
+    # The statistics were saved, reloaded and used: without them the projector would compute something else.
+    assert torch.equal(ours.model.multi_modal_projector.feature_std, projector.feature_std)
+    assert not torch.allclose(unnormalized, normalized, atol=1e-2)
+
+
 @pytest.mark.parametrize("strategy", ["default", "full"])
 def test_round_trip_ours_to_llava_hf_to_ours_is_lossless(tmp_path, strategy):
     ours, processor = save_ours(tmp_path / "ours", vision_feature_select_strategy=strategy)

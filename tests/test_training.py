@@ -110,6 +110,33 @@ def test_stage2_starts_from_the_projector_artifact(stage1_dir, tiny_world, tmp_p
     assert "ASSISTANT:" in processor.chat_template
 
 
+def test_vision_feature_norm_is_fitted_at_stage1_and_kept_by_stage2(tiny_world, tmp_path):
+    stage1 = tmp_path / "stage1"
+    run_sft(tiny_world, stage1, "--vision_feature_norm", "true", stage="stage1", steps=2)
+    saved = weights(stage1)
+    mean, std = saved["model.multi_modal_projector.feature_mean"], saved["model.multi_modal_projector.feature_std"]
+    # The statistics of the tower's features of the training images (all of them: fewer than max_images here).
+    model, processor = sft.build_model_and_processor(
+        sft.LlavaArguments(stage="stage1", vision_model_name_or_path=str(tiny_world["clip"]),
+                           language_model_name_or_path=str(tiny_world["lm"]), vision_feature_norm=True),
+        sft.ModelConfig(),
+    )
+    data_args = sft.DataArguments(data_path=str(tiny_world["captions"]), image_folder=str(tiny_world["images"]))
+    dataset = sft.prepare_dataset(data_args.data_path, data_args, processor, 512, 0)
+    images = [image for row in dataset["images"] for image in row]
+    with torch.no_grad():
+        features = model.model.get_vision_features(processor(images=images, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(mean, features.flatten(0, 1).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(std, features.flatten(0, 1).std(0), rtol=1e-4, atol=1e-5)
+    assert mean.abs().max() > 1e-3 and not torch.allclose(std, torch.ones_like(std))
+    # ... shared with the projector artifact, and never refitted on another stage's data.
+    assert torch.equal(load_file(stage1 / "mm_projector.safetensors")["feature_mean"], mean)
+    stage2 = tmp_path / "stage2"
+    run_sft(tiny_world, stage2, "--model_name_or_path", str(stage1), stage="stage2", steps=1)
+    assert torch.equal(weights(stage2)["model.multi_modal_projector.feature_mean"], mean)
+    assert torch.equal(weights(stage2)["model.multi_modal_projector.feature_std"], std)
+
+
 def test_labels_of_a_real_batch_are_the_answers_and_their_eos(stage1_dir, tiny_world, tmp_path):
     """The batch the trainer actually feeds: kept labels are exactly the assistant answers, each ending in </s>."""
     from transformers import AutoProcessor

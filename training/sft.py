@@ -59,6 +59,11 @@ class LlavaArguments:
     vision_feature_select_strategy: str = field(default="default", metadata={"help": "'default' drops CLS."})
     image_token_pooling: int = field(default=1, metadata={"help": "Average-pool stride over the patch grid."})
     projector_layernorm: bool = field(default=False, metadata={"help": "LayerNorm after the projector."})
+    vision_feature_norm: bool = field(
+        default=False,
+        metadata={"help": "Standardize the tower's features per channel before the projector, with statistics fitted "
+                  "on the training images when starting from parts (see LlavaConfig.vision_feature_norm)."},
+    )
     chat_template: str | None = field(
         default=None,
         metadata={"help": "'vicuna_v1' or 'plain'. Default: the checkpoint's, or plain/vicuna_v1 for stage 1/2."},
@@ -147,6 +152,7 @@ def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfi
             vision_feature_select_strategy=llava_args.vision_feature_select_strategy,
             image_token_pooling=llava_args.image_token_pooling,
             projector_layernorm=llava_args.projector_layernorm,
+            vision_feature_norm=llava_args.vision_feature_norm,
         )
     else:
         raise ValueError(
@@ -170,6 +176,38 @@ def load_projector(model, path) -> None:
     if expected != found:
         raise ValueError(f"{path}: projector weights {found} do not fit this model's projector {expected}.")
     projector.load_state_dict(state)
+
+
+@torch.no_grad()
+def fit_vision_feature_norm(model, processor, dataset, max_images: int = 1024, batch_size: int = 64) -> bool:
+    """Fits the projector's `feature_mean`/`feature_std` on the tower features of the first `max_images` training
+    images, if the model has them and they are still the identity (a stage-1 start); a trained projector keeps the
+    statistics it was trained with. Every process of a DDP run computes the same numbers from the same images."""
+    projector = model.model.multi_modal_projector
+    if not hasattr(projector, "feature_mean"):
+        return False
+    if projector.feature_mean.any() or not torch.equal(projector.feature_std, torch.ones_like(projector.feature_std)):
+        return False
+    images = []
+    for rows in dataset.select_columns(["images"]).iter(batch_size=256):
+        images += [image for row in rows["images"] for image in row]
+        if len(images) >= max_images:
+            break
+    images = images[:max_images]
+    if not images:
+        raise ValueError("vision_feature_norm: the training data has no images to fit the feature statistics on.")
+    device = projector.feature_mean.device
+    features = torch.cat([
+        model.model.get_vision_features(
+            processor(images=images[i : i + batch_size], return_tensors="pt")["pixel_values"].to(device)
+        ).float().flatten(0, 1)
+        for i in range(0, len(images), batch_size)
+    ])
+    projector.feature_mean.copy_(features.mean(0))
+    projector.feature_std.copy_(features.std(0).clamp_min(1e-6))
+    print(f"[llava] vision_feature_norm: fitted on {len(images)} images (mean rms "
+          f"{features.mean(0).pow(2).mean().sqrt():.3f}, std mean {features.std(0).mean():.3f})")
+    return True
 
 
 def set_trainable(model, tune: str) -> None:
@@ -418,6 +456,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset = prepare_dataset(
             data_args.eval_data_path, data_args, processor, training_args.max_length, training_args.seed
         )
+
+    fit_vision_feature_norm(model, processor, train_dataset)
 
     feature_cache = None
     if llava_args.vision_feature_cache:
