@@ -141,6 +141,20 @@ def test_a_rebuild_reuses_the_cache_and_computes_only_new_images(data, tmp_path)
     torch.testing.assert_close(reopened.features([image])[0], resumed.get(image_key(image)))
 
 
+def test_a_saved_and_reloaded_checkpoint_finds_the_cache_its_parts_built(data, tmp_path):
+    # Stage 1 builds the cache from the parts, stage 2 reads it from stage 1's checkpoint: same tower, same folder.
+    from modeling_llava import LlavaForCausalLM, LlavaProcessor
+
+    model, processor = build_tiny_llava("mlp2x_gelu")
+    dataset = dataset_for(processor, data)
+    built = build_feature_cache(tmp_path / "cache", model, processor, [dataset])
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    reloaded, reloaded_processor = LlavaForCausalLM.from_pretrained(tmp_path / "ckpt"), LlavaProcessor.from_pretrained(tmp_path / "ckpt")
+    again = build_feature_cache(tmp_path / "cache", reloaded, reloaded_processor, [dataset])
+    assert again.folder == built.folder and again.computed == 0
+
+
 @pytest.mark.parametrize(
     "change, field",
     [

@@ -75,7 +75,9 @@ def describe(model, processor, dtype: torch.dtype | None = None) -> dict:
     tower = llava.vision_tower
     image_processor = {
         k: v for k, v in processor.image_processor.to_dict().items()
-        if k not in ("processor_class", "image_processor_type", "_processor_class")
+        # Names of classes and of remote code, not settings: a saved checkpoint adds `auto_map`, and stage 2 (from
+        # stage 1's checkpoint) must find the cache stage 1 (from the parts) built.
+        if k not in ("processor_class", "image_processor_type", "_processor_class", "auto_map")
     }
     return {
         "format": FORMAT_VERSION,
