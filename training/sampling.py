@@ -5,7 +5,9 @@ Length grouping alone is transformers' `LengthGroupedSampler` (`--train_sampling
 `length` column). When the data mixes image and text-only records, LLaVA-1.5 also keeps the two apart
 (`group_by_modality_length`): a text-only batch then skips the tower entirely, and no batch pads text-only rows
 out to the length of an image record. `ModalityLengthGroupedSampler` does both; it yields every index exactly once
-per epoch, so what is learned changes only by batch composition, as with any shuffle.
+per epoch, so what is learned changes only by batch composition, as with any shuffle. That can still matter where
+length predicts the answer: in the scene world a conversation's length follows its object count, so grouped batches
+shared their answers and the LM learned batch priors instead of looking (the miniature stage 2 samples at random).
 """
 
 import torch
