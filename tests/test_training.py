@@ -129,6 +129,12 @@ def test_vision_feature_norm_is_fitted_at_stage1_and_kept_by_stage2(tiny_world, 
     torch.testing.assert_close(mean, features.flatten(0, 1).mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(std, features.flatten(0, 1).std(0), rtol=1e-4, atol=1e-5)
     assert mean.abs().max() > 1e-3 and not torch.allclose(std, torch.ones_like(std))
+    # Read from the frozen-tower feature cache instead of a second tower pass, the statistics are the same.
+    cached = tmp_path / "stage1_cached"
+    run_sft(tiny_world, cached, "--vision_feature_norm", "true", "--vision_feature_cache", str(tmp_path / "cache"),
+            stage="stage1", steps=1)
+    torch.testing.assert_close(weights(cached)["model.multi_modal_projector.feature_mean"], mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights(cached)["model.multi_modal_projector.feature_std"], std, rtol=1e-4, atol=1e-5)
     # ... shared with the projector artifact, and never refitted on another stage's data.
     assert torch.equal(load_file(stage1 / "mm_projector.safetensors")["feature_mean"], mean)
     stage2 = tmp_path / "stage2"

@@ -179,10 +179,14 @@ def load_projector(model, path) -> None:
 
 
 @torch.no_grad()
-def fit_vision_feature_norm(model, processor, dataset, max_images: int = 1024, batch_size: int = 64) -> bool:
+def fit_vision_feature_norm(
+    model, processor, dataset, feature_cache: VisionFeatureCache | None = None, max_images: int = 1024,
+    batch_size: int = 64,
+) -> bool:
     """Fits the projector's `feature_mean`/`feature_std` on the tower features of the first `max_images` training
     images, if the model has them and they are still the identity (a stage-1 start); a trained projector keeps the
-    statistics it was trained with. Every process of a DDP run computes the same numbers from the same images."""
+    statistics it was trained with. The features come from `feature_cache` when there is one (no second tower pass).
+    Every process of a DDP run computes the same numbers from the same images."""
     projector = model.model.multi_modal_projector
     if not hasattr(projector, "feature_mean"):
         return False
@@ -197,10 +201,15 @@ def fit_vision_feature_norm(model, processor, dataset, max_images: int = 1024, b
     if not images:
         raise ValueError("vision_feature_norm: the training data has no images to fit the feature statistics on.")
     device = projector.feature_mean.device
+
+    def features_of(batch):
+        if feature_cache is not None:
+            return feature_cache.features(batch)
+        pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+        return model.model.get_vision_features(pixel_values)
+
     features = torch.cat([
-        model.model.get_vision_features(
-            processor(images=images[i : i + batch_size], return_tensors="pt")["pixel_values"].to(device)
-        ).float().flatten(0, 1)
+        features_of(images[i : i + batch_size]).to(device, torch.float32).flatten(0, 1)
         for i in range(0, len(images), batch_size)
     ])
     projector.feature_mean.copy_(features.mean(0))
@@ -457,8 +466,6 @@ def main(argv: list[str] | None = None) -> dict:
             data_args.eval_data_path, data_args, processor, training_args.max_length, training_args.seed
         )
 
-    fit_vision_feature_norm(model, processor, train_dataset)
-
     feature_cache = None
     if llava_args.vision_feature_cache:
         # Built by the first process of each machine; the others wait, then only check and read it.
@@ -471,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             else:
                 feature_cache = VisionFeatureCache.for_model(llava_args.vision_feature_cache, model, processor, mixed)
+    fit_vision_feature_norm(model, processor, train_dataset, feature_cache)
 
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, with our card
     trainer = LlavaSFTTrainer(
