@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_llava import LlavaConfig, projector_depth
 
@@ -36,15 +35,16 @@ class LlavaModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class LlavaCausalLMOutputWithPast(ModelOutput):
-    """Causal LM output plus the projected image features."""
+class LlavaCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the projected image features."""
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+def _language_model_fields(outputs) -> dict:
+    """The language model's output fields but its last hidden state, under the installed transformers' names: the KV
+    cache is `past_key_values` up to 5.23 and `cache` from 5.24, and this code runs beside either."""
+    return {k: v for k, v in outputs.items() if k != "last_hidden_state"}
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -83,7 +83,7 @@ class LlavaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _no_split_modules = ["LlavaMultiModalProjector"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -159,7 +159,6 @@ class LlavaModel(LlavaPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
@@ -191,18 +190,13 @@ class LlavaModel(LlavaPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
             **kwargs,
         )
         output = LlavaModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            last_hidden_state=outputs.last_hidden_state, **_language_model_fields(outputs), image_hidden_states=image_features
         )
         return output.to_tuple() if return_dict is False else output
 
@@ -255,7 +249,6 @@ class LlavaForCausalLM(LlavaPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -270,7 +263,6 @@ class LlavaForCausalLM(LlavaPreTrainedModel, GenerationMixin):
             vision_features=vision_features,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -284,14 +276,7 @@ class LlavaForCausalLM(LlavaPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        output = LlavaCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-        )
+        output = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, **_language_model_fields(outputs))
         return output.to_tuple() if return_dict is False else output
 
     def save_pretrained(self, save_directory, *args, **kwargs):
