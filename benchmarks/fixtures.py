@@ -50,7 +50,17 @@ class BenchConfig:
     steps_per_window: int = 1
     new_tokens: int = 32  # generated per prompt (min = max, so both sides generate the same count)
     generation_batches: tuple[int, ...] = (1, 8)
-    generation_repeats: int = 7
+    # Generation runs in rounds of fresh processes (one per side, plus the control), `generation_processes` rounds,
+    # each process timing `generation_repeats` generate calls per batch size after its warm-up: a process's
+    # allocation history can shift its speed for its whole life, so processes, not repeats, are what is sampled.
+    generation_processes: int = 3
+    generation_repeats: int = 1
+    # An A/A control in every round: a second process of the same side ("ours" or "peer"; "none": no control),
+    # whose ratio to that side is the noise floor a reader compares the ours / peer ratio with.
+    generation_control: str = "ours"
+    # Allocator settings of every generation process, both sides alike: "steady" fixes glibc's mmap threshold and
+    # stops heap trimming (see benchmarks/run.py, GENERATION_MALLOC_ENV); "inherit" leaves the environment as is.
+    generation_malloc: str = "steady"
     # torch threads per participant. 1 on a CPU by default: participants take turns, but on a shared machine a
     # second OpenMP thread waits for a busy core at every parallel region (measured here: a 256x512 @ 512x1376
     # matmul took 17 ms with 2 threads under load, 4.7 ms with 1). On a GPU it does not matter.
@@ -63,7 +73,7 @@ class BenchConfig:
 
 QUICK = dict(
     image_size=112, vision_hidden_size=192, vision_layers=3, text_hidden_size=256, text_layers=2, num_images=48,
-    warmup_steps=1, windows=2, steps_per_window=1, new_tokens=8, generation_repeats=1,
+    warmup_steps=1, windows=2, steps_per_window=1, new_tokens=8, generation_processes=2, generation_repeats=1,
 )
 
 

@@ -5,6 +5,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def _spread(summary: dict) -> str:
+    """`stats.paired_summary`'s ratio of medians with the min-max of the paired ratios."""
+    return f"{summary['ratio']:.2f}x ({summary['paired_min']:.2f}-{summary['paired_max']:.2f}x)"
+
+
 def _mib(memory: dict) -> float:
     return memory["bytes"] / 2**20
 
@@ -46,14 +51,33 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| stage {n} {memory_label}, MiB (ours: with cache / without) | {cached:.0f} / {plain:.0f} | "
                      f"{peer:.0f} | {_ratio(cached, peer)} / {_ratio(plain, peer)} | |")
     g = results["generation"]
+    ratios, controls = g.get("ratios", {}), g.get("control_ratios", {})
     for key in (k for k in g["ours"] if k.startswith("batch_")):
         a, b = g["ours"][key]["tokens" + suffix], g["peer"][key]["tokens" + suffix]
-        wall = _ratio(g["ours"][key]["tokens_per_s"], g["peer"][key]["tokens_per_s"])
+        cells = [_ratio(a, b), _ratio(g["ours"][key]["tokens_per_s"], g["peer"][key]["tokens_per_s"])]
+        if key in ratios:  # several processes per side: the ratio of the medians and the spread of the pairs
+            cells = [_spread(ratios[key]["tokens" + suffix]), _spread(ratios[key]["tokens_per_s"])]
         lines.append(f"| generation tokens/{unit}, KV cache, greedy, batch {key.removeprefix('batch_')} | "
-                     f"{a:.1f} | {b:.1f} | {_ratio(a, b)} | {wall} |")
+                     f"{a:.1f} | {b:.1f} | {cells[0]} | {cells[1]} |")
+    for key, control in controls.items():
+        side = g["method"]["control"]
+        cells = [_spread(control["tokens" + suffix]), _spread(control["tokens_per_s"])]
+        lines.append(f"| generation A/A control, batch {key.removeprefix('batch_')}: {side} vs {side} in two "
+                     f"processes (the noise floor) | | | {cells[0]} | {cells[1]} |")
     identical = all(g["identical_tokens"].values()) and all(g["identical_prompts"].values())
     lines.append(f"| greedy tokens identical to the peer's (same prompts, same weights) | "
                  f"{'yes' if identical else 'NO'} | | | |")
+    if "method" in g:
+        method = g["method"]
+        malloc = ", ".join(f"{k}={v}" for k, v in sorted(method["malloc_env"].items()))
+        lines += [
+            "",
+            f"Generation: median over {method['processes_per_side']} fresh processes per side, "
+            f"{method['repeats_per_process']} timed generate call(s) per batch size in each after a warm-up; a round "
+            f"starts one process per side{' plus the control' if method['control'] else ''} and they take turns. "
+            f"Ratio: of the medians; in brackets: the lowest and highest ratio within a round. Allocator in every "
+            f"generation process: {malloc or 'no MALLOC_* settings (glibc defaults)'}.",
+        ]
     cache = results["feature_cache"]
     lines += [
         "",

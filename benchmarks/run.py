@@ -16,9 +16,19 @@ include image tokens). On a CPU each participant runs 1 torch thread and the tab
 that process's CPU time (the wall-clock ratios are reported next to it): on a shared machine a process can sit on
 a busy core for a whole window, and CPU time is what it actually computed. On a GPU it is wall time. The sizes
 are in `benchmarks/fixtures.py` (`BenchConfig`); every field is a flag here.
+
+Generation (greedy, KV cache, batch 1 and 8) is sampled over processes, not repeats: a process's allocation history
+can shift its speed by more than 10% for its whole life, the same code in two processes included. It runs in
+`--generation_processes` rounds; each round starts fresh processes (ours, the peer, and with `--generation_control`
+a second process of one side, the A/A control), warms them up, and they take turns, `--generation_repeats` timed
+calls per batch size each, the order rotating. Reported per side: the median over its processes; the ratio of the
+two medians; the lowest and highest ours / peer ratio within a round; the control's ratio to its side (the noise
+floor). Every generation process of both sides gets the same allocator settings (`GENERATION_MALLOC_ENV`, below;
+`--generation_malloc inherit` turns them off), and every process's greedy tokens must be the same.
 """
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -36,11 +46,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks import fixtures, worker  # noqa: E402
+from benchmarks import fixtures, stats, worker  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 
 
 TIMEOUT_S = 900  # a participant silent for this long is reported as stuck
+CHOICES = {"generation_control": ("ours", "peer", "none"), "generation_malloc": ("steady", "inherit")}
+# glibc's allocator in every generation process, both sides alike, to take allocator noise out of the comparison
+# (not to speed up either side). By default glibc raises its mmap threshold as large blocks are freed and trims the
+# heap top back to the OS past a threshold that moves with it, so whether the next `generate` gets its buffers from
+# memory the process already holds or page-faults them in again depends on that process's allocation history: the
+# profiling behind this measured 0 to ~220K minor faults per batch-8 `generate` and two processes of identical code
+# 13% apart. A fixed mmap threshold (32 MiB, which every glibc accepts; a larger block is then mmapped on every call,
+# the same in every process) and no trimming below 1 GiB make every process reuse what it already holds (measured
+# at the default sizes, batch 8: 38-79K faults per call without these, either side; with them a few thousand on a
+# process's first full-length call, the KV cache's first touch, and none after). glibc reads these at process start,
+# so they are set for the spawned workers only (this process's allocator is already running); other C libraries
+# ignore them. Training is measured without them (its processes inherit this process's environment unchanged).
+GENERATION_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
 def parse_args(argv=None) -> tuple[fixtures.BenchConfig, argparse.Namespace]:
@@ -51,6 +74,8 @@ def parse_args(argv=None) -> tuple[fixtures.BenchConfig, argparse.Namespace]:
     for f in fields(fixtures.BenchConfig):
         if f.name == "generation_batches":
             parser.add_argument("--generation_batches", type=int, nargs="+")
+        elif f.name in CHOICES:
+            parser.add_argument(f"--{f.name}", choices=CHOICES[f.name])
         else:
             parser.add_argument(f"--{f.name}", type=float if f.type is float else int)
     args = parser.parse_args(argv)
@@ -58,7 +83,10 @@ def parse_args(argv=None) -> tuple[fixtures.BenchConfig, argparse.Namespace]:
     values.update({f.name: getattr(args, f.name) for f in fields(fixtures.BenchConfig) if getattr(args, f.name) is not None})
     if "generation_batches" in values:
         values["generation_batches"] = tuple(values["generation_batches"])
-    return fixtures.BenchConfig(**values), args
+    config = fixtures.BenchConfig(**values)
+    if config.generation_processes < 1 or config.generation_repeats < 1:
+        parser.error("--generation_processes and --generation_repeats must be at least 1")
+    return config, args
 
 
 class Participant:
@@ -125,37 +153,63 @@ def run_training(context, specs: dict[str, dict], config) -> dict:
     return results
 
 
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]):
+    """`os.environ` with `extra` set while the block runs (spawned processes copy it when they start)."""
+    saved = {key: os.environ.get(key) for key in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_generation(context, specs: dict[str, dict], config) -> dict:
-    participants = {name: Participant(context, name, worker.generate, spec) for name, spec in specs.items()}
-    for participant in participants.values():
-        assert participant.recv().get("ready")
-    runs = {name: {size: [] for size in config.generation_batches} for name in participants}
-    for repeat in range(config.generation_repeats):
-        for size in config.generation_batches:
-            for name in _rotated(list(participants), repeat):
-                participants[name].send({"batch": size})
-                runs[name][size].append(participants[name].recv())
-    results = {name: {} for name in participants}
-    for name, participant in participants.items():
-        participant.send("stop")
-        results[name]["peak_memory"] = participant.recv()["peak_memory"]
-        participant.join()
-    names = list(participants)
-    for size in config.generation_batches:
-        for name in names:
-            rows = runs[name][size]
-            results[name][f"batch_{size}"] = {
-                "tokens_per_s": statistics.median(r["new_tokens"] / r["seconds"] for r in rows),
-                "tokens_per_cpu_s": statistics.median(r["new_tokens"] / r["cpu_seconds"] for r in rows),
-                "seconds": [r["seconds"] for r in rows],
-            }
-        first = runs[names[0]][size]
-        results.setdefault("identical_tokens", {})[f"batch_{size}"] = all(
-            runs[name][size][i]["tokens"] == first[i]["tokens"] for name in names for i in range(len(first))
-        )
-        results.setdefault("identical_prompts", {})[f"batch_{size}"] = all(
-            runs[name][size][i]["prompt_digest"] == first[i]["prompt_digest"] for name in names for i in range(len(first))
-        )
+    """Rounds of fresh processes, one per participant, taking turns: see `benchmarks/stats.py` for the statistics.
+
+    `specs` holds "ours" and "peer"; with `config.generation_control` another process of that side joins every
+    round as "control". In round k the participants start together, warm up, then time `generation_repeats`
+    generate calls per batch size each, one call at a time, the order rotating with the round and the repeat.
+    """
+    if config.generation_control != "none":
+        specs = {**specs, "control": specs[config.generation_control]}
+    extra = GENERATION_MALLOC_ENV if config.generation_malloc == "steady" else {}
+    rounds, peaks, allocator = [], {name: [] for name in specs}, set()
+    for round_ in range(config.generation_processes):
+        with _environ(extra):  # started in rotated order too: no side is always spawned first
+            participants = {name: Participant(context, f"{name}[{round_}]", worker.generate, specs[name])
+                            for name in _rotated(list(specs), round_)}
+        for name in specs:
+            ready = participants[name].recv()
+            assert ready.get("ready")
+            allocator.add(tuple(sorted(ready["malloc_env"].items())))
+        runs = {name: {size: [] for size in config.generation_batches} for name in specs}
+        for repeat in range(config.generation_repeats):
+            for size in config.generation_batches:
+                for name in _rotated(list(specs), round_ + repeat):
+                    participants[name].send({"batch": size})
+                    runs[name][size].append(participants[name].recv())
+        for name in specs:
+            participants[name].send("stop")
+            peaks[name].append(participants[name].recv()["peak_memory"])
+            participants[name].join()
+        rounds.append(runs)
+        print(f"[bench] generation round {round_ + 1}/{config.generation_processes} done", flush=True)
+    # Every participant of every round must have run under the same allocator settings.
+    assert len(allocator) == 1, f"generation processes ran under different allocator settings: {allocator}"
+    control = None if config.generation_control == "none" else config.generation_control
+    results = stats.summarize_generation(rounds, config.generation_batches, control=control)
+    for name, memories in peaks.items():
+        results[name]["peak_memory"] = max(memories, key=lambda memory: memory["bytes"])
+        results[name]["peak_memory_per_process"] = memories
+    results["method"] = {
+        "processes_per_side": config.generation_processes, "repeats_per_process": config.generation_repeats,
+        "control": control, "malloc_env": dict(next(iter(allocator))),
+    }
     return results
 
 
@@ -233,7 +287,9 @@ def main(argv=None) -> dict:
         image_files = sorted(str(p) for p in Path(data["images"]).iterdir())[: max(config.generation_batches)]
         spec = dict(common, new_tokens=config.new_tokens, generation_batches=list(config.generation_batches),
                     image_files=image_files)
-        print("[bench] generation: ours and peer take turns", flush=True)
+        control = "" if config.generation_control == "none" else f" (+ a control: {config.generation_control} again)"
+        print(f"[bench] generation: {config.generation_processes} rounds of fresh processes, ours and peer{control} "
+              f"taking turns", flush=True)
         sides = {"ours": dict(spec, side="ours"), "peer": dict(spec, side="peer")}
         results["generation"] = run_generation(context, sides, config)
 

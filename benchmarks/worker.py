@@ -192,7 +192,11 @@ def train(spec: dict, conn) -> None:
 
 
 def generate(spec: dict, conn) -> None:
-    """A generation participant: greedy generation with the KV cache, batch sizes taking turns with the peer."""
+    """A generation participant: greedy generation with the KV cache, batch sizes taking turns with the peer.
+
+    One process is one sample of the runner's generation measurement (a fresh process per round); each timed call
+    also reports the minor page faults it took, the allocator noise `benchmarks/run.py` sets glibc up to avoid.
+    """
     _quiet()
     import hashlib  # noqa: PLC0415
 
@@ -229,17 +233,20 @@ def generate(spec: dict, conn) -> None:
     with torch.inference_mode():
         for size in spec["generation_batches"]:  # warm-up, untimed
             model.generate(**inputs[size], **{**settings, "max_new_tokens": 2, "min_new_tokens": 2})
-        conn.send({"ready": True})
+        # The allocator settings this process started with (the runner checks every process got the same).
+        conn.send({"ready": True, "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}})
         while (message := conn.recv()) != "stop":
             size = message["batch"]
             _sync()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start, start_cpu = time.perf_counter(), time.process_time()
             output = model.generate(**inputs[size], **settings)
             _sync()
             elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             prompt = inputs[size]["input_ids"]
             conn.send({
-                "batch": size, "seconds": elapsed, "cpu_seconds": cpu,
+                "batch": size, "seconds": elapsed, "cpu_seconds": cpu, "minor_faults": faults,
                 "new_tokens": int(output.shape[0] * (output.shape[1] - prompt.shape[1])),
                 "tokens": output[:, prompt.shape[1]:].tolist(),
                 "prompt_digest": hashlib.sha256(prompt.cpu().numpy().tobytes()).hexdigest(),
