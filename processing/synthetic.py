@@ -396,7 +396,8 @@ def scene_vqa_pairs(objects: list[SceneObject], rng: random.Random, turns: int =
 
 def write_scene_vqa(instances_path: str | os.PathLike, path: str | os.PathLike, seed: int = 0, turns: int = 6) -> Path:
     """Short-answer VQA as LLaVA JSON: one multi-turn record per image, `<image>` before or after the first question
-    at random, like LLaVA-1.5 groups VQAv2/GQA questions of an image into one conversation."""
+    at random, like LLaVA-1.5 groups VQAv2/GQA questions of an image into one conversation. Records carry
+    `"type": "vqa"` beside the teacher's `conversation`/`detail`/`complex`, for `--group_batches_by type`."""
     files, scenes = load_scene_objects(instances_path)
     records = []
     for image_id in sorted(files):
@@ -406,7 +407,7 @@ def write_scene_vqa(instances_path: str | os.PathLike, path: str | os.PathLike, 
             if i == 0:
                 question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        records.append({"id": f"{image_id}_vqa", "image": files[image_id], "conversations": conversations})
+        records.append({"id": f"{image_id}_vqa", "image": files[image_id], "conversations": conversations, "type": "vqa"})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, records)

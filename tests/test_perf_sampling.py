@@ -133,6 +133,58 @@ def test_the_trainer_feeds_grouped_single_modality_batches(mixed, tmp_path):
     assert sorted(dataset["length"]) == sorted(int(n) for b in grouped for n in b["attention_mask"].sum(dim=1))
 
 
+def test_grouping_by_label_keeps_the_random_order_within_each_group():
+    kinds = ["vqa"] * 70 + ["conversation"] * 21 + ["detail"] * 9
+    random.Random(0).shuffle(kinds)
+    order = modality_length_grouped_indices([0] * len(kinds), kinds, 8, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(kinds)))
+    batches = batches_of(order, 8)
+    full = 70 // 8 + 21 // 8 + 9 // 8
+    assert all(len({kinds[i] for i in b}) == 1 for b in batches[:full])
+    # No length sorting: within a group the records come in no fixed order, and another seed draws other batches.
+    vqa = [i for i in order if kinds[i] == "vqa"]
+    assert vqa != sorted(vqa) and vqa != sorted(vqa, reverse=True)
+    again = modality_length_grouped_indices([0] * len(kinds), kinds, 8, torch.Generator().manual_seed(1))
+    assert [i for i in again if kinds[i] == "vqa"] != vqa
+
+
+def test_the_trainer_feeds_batches_of_one_record_type(tmp_path):
+    """`--group_batches_by type`: short and long record types never share a batch, so little is padded."""
+    model, processor = build_tiny_llava("mlp2x_gelu")
+    (tmp_path / "images").mkdir()
+    rng, records = random.Random(0), []
+    for i in range(64):
+        Image.new("RGB", (32, 24), (rng.randint(0, 255), 90, 200)).save(tmp_path / "images" / f"{i}.png")
+        kind = "vqa" if i % 4 else "conversation"
+        answer = "red" if kind == "vqa" else "the circle is red and the square is blue. " * rng.randint(4, 6)
+        records.append({"id": str(i), "image": f"{i}.png", "type": kind, "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is the circle?"}, {"from": "gpt", "value": answer}]})
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    data_args = sft.DataArguments(image_folder=str(tmp_path / "images"), group_batches_by="type")
+    dataset = sft.prepare_dataset(path, data_args, processor, 512, seed=0)
+    kinds = dict(zip(dataset["id"], dataset["batch_group"]))
+    assert sorted(kinds.values()) == sorted(r["type"] for r in records)
+
+    grouped = fed_batches(model, processor, dataset, tmp_path / "out", "random")
+    ungrouped = fed_batches(model, processor, dataset.remove_columns("batch_group"), tmp_path / "out", "random")
+    middle = (min(dataset["length"]) + max(dataset["length"])) / 2
+    long_batches = [b["input_ids"].shape[1] > middle for b in grouped]
+    assert any(long_batches) and not all(long_batches)
+    for batch in grouped:  # all rows of a batch are short VQA or all long conversations
+        long_rows = batch["attention_mask"].sum(dim=1) > middle
+        assert long_rows.all() or not long_rows.any()
+    padding = [1 - sum(int(b["attention_mask"].sum()) for b in bs) / sum(b["attention_mask"].numel() for b in bs)
+               for bs in (grouped, ungrouped)]
+    assert padding[0] < 0.1 < padding[1]
+
+    # A record without the field is named in the error.
+    del records[5]["type"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"record '5' has no field 'type'"):
+        sft.prepare_dataset(path, data_args, processor, 512, seed=0)
+
+
 DDP_SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, {repo!r})

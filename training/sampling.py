@@ -1,5 +1,5 @@
 """Length- and modality-grouped sampling: batches of similar lengths, and in mixed data (LLaVA-1.5's mix665k) batches
-that are all image records or all text-only records.
+that are all image records or all text-only records, or all of one record `type` (`--group_batches_by type`).
 
 Length grouping alone is transformers' `LengthGroupedSampler` (`--train_sampling_strategy group_by_length` with our
 `length` column). When the data mixes image and text-only records, LLaVA-1.5 also keeps the two apart
@@ -7,7 +7,9 @@ Length grouping alone is transformers' `LengthGroupedSampler` (`--train_sampling
 out to the length of an image record. `ModalityLengthGroupedSampler` does both; it yields every index exactly once
 per epoch, so what is learned changes only by batch composition, as with any shuffle. That can still matter where
 length predicts the answer: in the scene world a conversation's length follows its object count, so grouped batches
-shared their answers and the LM learned batch priors instead of looking (the miniature stage 2 samples at random).
+shared their answers and the LM learned batch priors instead of looking. There the miniature stage 2 groups by record
+type only (`lengths` all equal): one-word VQA records and long conversations no longer share batches, so little is
+padded, while within a type the batches are drawn at random.
 """
 
 import torch
@@ -24,20 +26,18 @@ def image_counts(dataset) -> list[int]:
 
 
 def modality_length_grouped_indices(
-    lengths: list[int], has_image: list[bool], batch_size: int, generator: torch.Generator | None = None
+    lengths: list[int], groups: list, batch_size: int, generator: torch.Generator | None = None
 ) -> list[int]:
-    """A permutation of `range(len(lengths))` whose consecutive `batch_size` slices hold one modality each and
-    similar lengths (transformers' megabatch sort within each modality); the batches of both modalities are then
-    shuffled together, the longest first (an out-of-memory shows at step 1). The at most two partial batches come
-    last, merged."""
+    """A permutation of `range(len(lengths))` whose consecutive `batch_size` slices hold one group each (a modality
+    flag, or any label such as a record type) and similar lengths (transformers' megabatch sort within each group;
+    equal lengths keep the random order); the batches of all groups are then shuffled together, the longest first (an
+    out-of-memory shows at step 1). The partial batches, at most one per group, come last, merged."""
     batches, leftovers = [], []
-    # transformers' megabatch size for the whole dataset, not per modality: the smaller modality would otherwise be
+    # transformers' megabatch size for the whole dataset, not per group: a smaller group would otherwise be
     # sorted in smaller megabatches and carry more padding.
     mega_batch_mult = max(1, min(len(lengths) // (batch_size * 4), 50))
-    for wanted in (True, False):
-        group = [i for i, flag in enumerate(has_image) if flag == wanted]
-        if not group:
-            continue
+    for wanted in sorted(set(groups), reverse=True):  # a fixed order (image records first), whatever the data order
+        group = [i for i, label in enumerate(groups) if label == wanted]
         order = get_length_grouped_indices(
             [lengths[i] for i in group], batch_size, mega_batch_mult=mega_batch_mult, generator=generator
         )
@@ -58,16 +58,16 @@ class ModalityLengthGroupedSampler(Sampler):
     transformers' `LengthGroupedSampler`, so data-parallel ranks seeded alike agree on the order and accelerate
     shards the batches between them."""
 
-    def __init__(self, lengths: list[int], has_image: list[bool], batch_size: int, generator=None):
-        if len(lengths) != len(has_image):
-            raise ValueError(f"{len(lengths)} lengths but {len(has_image)} modality flags.")
-        self.lengths, self.has_image, self.batch_size, self.generator = list(lengths), list(has_image), batch_size, generator
+    def __init__(self, lengths: list[int], groups: list, batch_size: int, generator=None):
+        if len(lengths) != len(groups):
+            raise ValueError(f"{len(lengths)} lengths but {len(groups)} group labels.")
+        self.lengths, self.groups, self.batch_size, self.generator = list(lengths), list(groups), batch_size, generator
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
-        return iter(modality_length_grouped_indices(self.lengths, self.has_image, self.batch_size, self.generator))
+        return iter(modality_length_grouped_indices(self.lengths, self.groups, self.batch_size, self.generator))
 
 
 __all__ = ["ModalityLengthGroupedSampler", "image_counts", "modality_length_grouped_indices"]

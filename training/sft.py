@@ -97,6 +97,12 @@ class DataArguments:
                   "Text past the image tokens is truncated as usual."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
+    group_batches_by: str | None = field(
+        default=None,
+        metadata={"help": "A record field (e.g. `type`): each training batch then holds records of one value of it, "
+                  "at random within it (or by length with group_by_length), as LLaVA-1.5 keeps image and text-only "
+                  "records apart. Where short VQA and long conversations mix, random batches pad to the longest."},
+    )
 
 
 @dataclass
@@ -262,6 +268,17 @@ def lora_target_regex(model) -> str:
 # -- data -----------------------------------------------------------------------------------------------------------
 
 
+def add_batch_groups(dataset, field_name: str, path):
+    """A `batch_group` column from each record's `field_name` (kept by the loader among the record's extra fields)."""
+    groups = []
+    for record_id, meta in zip(dataset["id"], dataset["llava_meta"]):
+        extra = json.loads(meta or "{}").get("extra", {})
+        if field_name not in extra:
+            raise ValueError(f"{path}: record {record_id!r} has no field {field_name!r} (--group_batches_by {field_name}).")
+        groups.append(str(extra[field_name]))
+    return dataset.add_column("batch_group", groups)
+
+
 def prepare_dataset(path, data_args: DataArguments, processor, max_length: int | None, seed: int):
     """LLaVA JSON -> TRL-ready dataset with a `length` column (for length grouping) and the overlong policy applied."""
     dataset = load_llava_json(
@@ -273,6 +290,8 @@ def prepare_dataset(path, data_args: DataArguments, processor, max_length: int |
     )
     if data_args.max_train_samples is not None:
         dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+    if data_args.group_batches_by:
+        dataset = add_batch_groups(dataset, data_args.group_batches_by, path)
     # Only messages + images go to the collator (TRL would read an `image` column as the image itself).
     dataset = dataset.remove_columns([c for c in ("image", "image_file", "llava_meta") if c in dataset.column_names])
     tokenizer, image_id, per_image = processor.tokenizer, processor.image_token_id, processor.image_seq_length
@@ -372,9 +391,10 @@ def resolve_resume_checkpoint(value: str | None, output_dir) -> str | None:
 
 
 class LlavaSFTTrainer(SFTTrainer):
-    """SFTTrainer plus LLaVA's needs: a separate projector learning rate; the `length` column kept for
-    length-grouped sampling (TRL keeps only the message/image columns of vision datasets), grouped by modality too
-    when image and text-only records mix; and the frozen-tower feature cache, through TRL's own collator."""
+    """SFTTrainer plus LLaVA's needs: a separate projector learning rate; the `length` and `batch_group` columns kept
+    for grouped sampling (TRL keeps only the message/image columns of vision datasets): by length, by modality too
+    when image and text-only records mix, by record group with `--group_batches_by`; and the frozen-tower feature
+    cache, through TRL's own collator."""
 
     def __init__(
         self, *args, projector_lr: float | None = None, vision_feature_cache: VisionFeatureCache | None = None,
@@ -391,12 +411,18 @@ class LlavaSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._is_vision_dataset and "length" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "length"]
+        if self._is_vision_dataset:
+            kept = [c for c in ("length", "batch_group") if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *kept]
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         columns = getattr(dataset, "column_names", None) or []
+        by_length = self.args.train_sampling_strategy == "group_by_length" and "length" in columns
+        if "batch_group" in columns:
+            # Equal lengths leave the order within each group random.
+            lengths = dataset["length"] if by_length else [0] * len(dataset)
+            return ModalityLengthGroupedSampler(lengths, dataset["batch_group"], self.args.per_device_train_batch_size)
         if self.args.train_sampling_strategy == "group_by_length" and {"images", "length"} <= set(columns):
             has_image = [n > 0 for n in image_counts(dataset)]
             if any(has_image) and not all(has_image):
