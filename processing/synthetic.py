@@ -356,19 +356,22 @@ VQA_QUESTIONS = {
 
 def scene_vqa_pairs(objects: list[SceneObject], rng: random.Random, turns: int = 6) -> list[tuple[str, str]]:
     """Up to `turns` short-answer questions about one scene, none repeated: the number of shapes, the colour of a shape
-    that occurs once, and existence of distinct colour-shape pairs, as many "yes" as "no" where the scene allows.
-    Answers are single words, like the probe's.
+    that occurs once, and existence of distinct colour-shape pairs. Answers are single words, like the probe's.
 
     No answer can be read off the other turns of the same conversation, or the LM learns that instead of looking at
-    the image: an existence question never names the shape whose colour is asked, and the yes/no order is random.
-    Half of the "no" questions name a colour or a shape that is in the scene, so that answering them needs the colour
-    bound to the shape.
+    the image: an existence question never names the shape whose colour is asked, and each existence answer is its
+    own fair coin, "Yes" or "No" whatever the turns before it said. (Balancing yes and no within a conversation, as
+    this did before, let the LM answer the last ones by counting the earlier ones: existence stayed at chance on the
+    single-question probe.) Half of the "no" questions name a colour or a shape that is in the scene, so that
+    answering them needs the colour bound to the shape.
     """
     shape_counts = Counter(o.shape for o in objects)
     unique = [o for o in objects if shape_counts[o.shape] == 1]
     pairs = [(rng.choice(VQA_QUESTIONS["count"]), NUMBER_WORDS[len(objects)])]
     asked_shape = None
-    if unique:
+    # Half the conversations ask no colour, so that their existence questions may name every shape, the scene's only
+    # object too: otherwise a one-object scene would only ever be asked about what is not there.
+    if unique and rng.random() < 0.5:
         asked = rng.choice(unique)
         asked_shape = asked.shape
         pairs.append((rng.choice(VQA_QUESTIONS["color"]).format(shape=asked.shape), asked.color))
@@ -378,16 +381,16 @@ def scene_vqa_pairs(objects: list[SceneObject], rng: random.Random, turns: int =
     present_parts = {part for c in present_categories for part in c.split()}
     near_misses = [c for c in absent if set(c.split()) & present_parts]
     rng.shuffle(present)
-    n_yes = min(len(present), (turns - len(pairs)) // 2)
-    questions = [(c, "Yes") for c in present[:n_yes]]
-    for _ in range(max(n_yes, 1)):
-        pool = near_misses if near_misses and rng.random() < 0.5 else absent
-        category = pool[rng.randrange(len(pool))]
-        absent.remove(category)
-        if category in near_misses:
-            near_misses.remove(category)
-        questions.append((category, "No"))
-    for category, answer in questions:
+    # At most as many existence questions as the scene has "yes" answers for, so every coin can be honoured.
+    for _ in range(min(turns - len(pairs), len(present))):
+        if rng.random() < 0.5:
+            category, answer = present.pop(), "Yes"
+        else:
+            pool = near_misses if near_misses and rng.random() < 0.5 else absent
+            category, answer = pool[rng.randrange(len(pool))], "No"
+            absent.remove(category)
+            if category in near_misses:
+                near_misses.remove(category)
         color, shape = category.split()
         pairs.append((rng.choice(VQA_QUESTIONS["exists"]).format(color=color, shape=shape), answer))
     rng.shuffle(pairs)

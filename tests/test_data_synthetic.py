@@ -149,10 +149,17 @@ def test_scene_vqa_answers_are_true_and_not_given_away_by_other_turns():
 
     rng = random.Random(0)
     answers, near_misses, no_answers = Counter(), 0, 0
+    after = {"more Yes so far": Counter(), "more No so far": Counter()}  # the next existence answer, by history
     for _ in range(2000):
         objects = sample_scene(rng)
         pairs = scene_vqa_pairs(objects, rng, turns=6)
-        assert 2 <= len(pairs) <= 6 and len({q for q, _ in pairs}) == len(pairs)
+        assert 1 <= len(pairs) <= 6 and len({q for q, _ in pairs}) == len(pairs)
+        seen = Counter()
+        for _, answer in pairs:
+            if answer in ("Yes", "No"):
+                if seen["Yes"] != seen["No"]:
+                    after["more Yes so far" if seen["Yes"] > seen["No"] else "more No so far"][answer] += 1
+                seen[answer] += 1
         categories, shapes = {o.category for o in objects}, Counter(o.shape for o in objects)
         colour_shapes, exists_shapes = set(), set()
         for question, answer in pairs:
@@ -176,7 +183,10 @@ def test_scene_vqa_answers_are_true_and_not_given_away_by_other_turns():
         # "Is there a red circle? Yes" would give away "What color is the circle?" in the same conversation.
         assert not colour_shapes & exists_shapes
     # Yes/no close to balanced, every question type frequent, and "no" often needs colour bound to shape.
-    assert 0.8 < answers["Yes"] / answers["No"] <= 1.0
+    assert 0.8 < answers["Yes"] / answers["No"] < 1.25
+    # Earlier answers do not predict the next one: after more yes than no, yes is as likely as after more no.
+    share = {k: c["Yes"] / sum(c.values()) for k, c in after.items()}
+    assert abs(share["more Yes so far"] - share["more No so far"]) < 0.06, share
     assert min(answers.values()) > 0.2 * max(answers.values())
     assert near_misses > 0.4 * no_answers
 
