@@ -121,8 +121,8 @@ class LlavaModel(LlavaPreTrainedModel):
             # Ask for the one hidden state we read (a list, so that layer 0 stays truthy), as transformers' Llava
             # does: with `True` the tower keeps every layer's output alive until it returns (13 x 3 MiB at batch 8
             # in the benchmark), which grows the heap under each layer's MLP buffers; glibc then trims and re-faults
-            # them on every call (measured at batch 8: up to ~150K page faults and a 1-11% slower tower per call). Towers without
-            # selective capture treat the list as `True`; `hidden_states` is indexed the same either way.
+            # them on every call (measured at batch 8: up to ~150K page faults and a 1-11% slower tower per call).
+            # Towers without selective capture treat the list as `True`; `hidden_states` is indexed the same either way.
             outputs = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=[layer], return_dict=True)
             features = outputs.hidden_states[layer]
         return self.select_and_pool(features)

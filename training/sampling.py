@@ -7,9 +7,9 @@ Length grouping alone is transformers' `LengthGroupedSampler` (`--train_sampling
 out to the length of an image record. `ModalityLengthGroupedSampler` does both; it yields every index exactly once
 per epoch, so what is learned changes only by batch composition, as with any shuffle. That can still matter where
 length predicts the answer: in the scene world a conversation's length follows its object count, so grouped batches
-shared their answers and the LM learned batch priors instead of looking. There the miniature stage 2 groups by record
-type only (`lengths` all equal): one-word VQA records and long conversations no longer share batches, so little is
-padded, while within a type the batches are drawn at random.
+shared their answers and the LM learned batch priors instead of looking. Grouping by record type only (`lengths` all
+equal) keeps one-word VQA records and long conversations apart, so little is padded, while within a type the batches
+are drawn at random (the miniature stage 2 still samples at random: type batches scored no better there).
 """
 
 import torch
