@@ -28,7 +28,6 @@ floor). Every generation process of both sides gets the same allocator settings 
 """
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -40,6 +39,7 @@ import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
+from unittest import mock
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/run.py` from a checkout
@@ -153,21 +153,6 @@ def run_training(context, specs: dict[str, dict], config) -> dict:
     return results
 
 
-@contextlib.contextmanager
-def _environ(extra: dict[str, str]):
-    """`os.environ` with `extra` set while the block runs (spawned processes copy it when they start)."""
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run_generation(context, specs: dict[str, dict], config) -> dict:
     """Rounds of fresh processes, one per participant, taking turns: see `benchmarks/stats.py` for the statistics.
 
@@ -180,7 +165,8 @@ def run_generation(context, specs: dict[str, dict], config) -> dict:
     extra = GENERATION_MALLOC_ENV if config.generation_malloc == "steady" else {}
     rounds, peaks, allocator = [], {name: [] for name in specs}, set()
     for round_ in range(config.generation_processes):
-        with _environ(extra):  # started in rotated order too: no side is always spawned first
+        # Spawned processes copy the environment when they start; rotated start order: no side is always first.
+        with mock.patch.dict(os.environ, extra):
             participants = {name: Participant(context, f"{name}[{round_}]", worker.generate, specs[name])
                             for name in _rotated(list(specs), round_)}
         for name in specs:

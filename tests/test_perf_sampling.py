@@ -15,6 +15,7 @@ from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from modeling_llava.builders import build_tiny_llava
+from processing.llava_json import LlavaDataError
 from training import sft
 from training.sampling import ModalityLengthGroupedSampler, image_counts, modality_length_grouped_indices
 
@@ -181,8 +182,9 @@ def test_the_trainer_feeds_batches_of_one_record_type(tmp_path):
     # A record without the field is named in the error.
     del records[5]["type"]
     path.write_text(json.dumps(records))
-    with pytest.raises(ValueError, match=r"record '5' has no field 'type'"):
+    with pytest.raises(LlavaDataError, match=r"record '5', field 'type'") as error:
         sft.prepare_dataset(path, data_args, processor, 512, seed=0)
+    assert (error.value.file, error.value.record_id, error.value.field) == (str(path), "5", "type")
 
 
 DDP_SCRIPT = r"""

@@ -29,7 +29,7 @@ import modeling_llava  # noqa: E402  (registers llava_plugin with the Auto class
 from modeling_llava import LlavaForCausalLM, LlavaProcessor  # noqa: E402
 from modeling_llava.builders import load_pretrained_parts  # noqa: E402
 from processing.chat_templates import get_chat_template  # noqa: E402
-from processing.llava_json import load_llava_json  # noqa: E402
+from processing.llava_json import LlavaDataError, load_llava_json  # noqa: E402
 from training.export import PROJECTOR_FILE, save_stage_checkpoint  # noqa: E402
 from training.feature_cache import VisionFeatureCache, build_feature_cache, cached_feature_processor  # noqa: E402
 from training.sampling import ModalityLengthGroupedSampler, image_counts  # noqa: E402
@@ -274,7 +274,7 @@ def add_batch_groups(dataset, field_name: str, path):
     for record_id, meta in zip(dataset["id"], dataset["llava_meta"]):
         extra = json.loads(meta or "{}").get("extra", {})
         if field_name not in extra:
-            raise ValueError(f"{path}: record {record_id!r} has no field {field_name!r} (--group_batches_by {field_name}).")
+            raise LlavaDataError(path, record_id, field_name, "missing", f"no value to group batches by (--group_batches_by {field_name})")
         groups.append(str(extra[field_name]))
     return dataset.add_column("batch_group", groups)
 
