@@ -90,6 +90,34 @@ class LlavaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` returns a pair
+        align_cpu_tensors(model)
+        return loaded
+
+
+# What torch's own CPU allocator guarantees: one AVX-512 vector, one cache line.
+CPU_ALIGNMENT = 64
+
+
+def align_cpu_tensors(model: nn.Module) -> int:
+    """Copy CPU parameters and buffers that start off a 64-byte boundary into fresh (aligned) memory.
+
+    Weights loaded from safetensors on CPU are views into the memory-mapped file, starting wherever the file's header
+    happened to end (8 + header length, a multiple of 8 only). Decode-size matmuls read misaligned weights measurably
+    slower (2-6% in a micro-benchmark at 56 bytes off). The copy swaps `.data`, so tied parameters stay one object and
+    `requires_grad` is kept. Returns the number of tensors copied.
+    """
+    copied = 0
+    for tensors in ((p for p in model.parameters()), (b for b in model.buffers())):
+        for tensor in tensors:
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % CPU_ALIGNMENT:
+                tensor.data = tensor.data.clone(memory_format=torch.preserve_format)
+                copied += 1
+    return copied
+
 
 class LlavaModel(LlavaPreTrainedModel):
     """Vision tower + projector + language model (no LM head). `last_hidden_state` is the LM's."""

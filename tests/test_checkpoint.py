@@ -116,3 +116,30 @@ def test_config_json_maps_every_auto_class(tmp_path, tiny_llava):
     assert "{% generation %}" in (tmp_path / "chat_template.jinja").read_text().replace("{%-", "{%").replace(
         " -%}", " %}"
     )
+
+
+def test_weights_load_into_aligned_memory(tmp_path, tiny_llava):
+    """safetensors weights on CPU are views into the mmapped file at 8-byte alignment only; loading copies the
+    misaligned ones so that matmuls read whole cache lines, without changing a value or untying a weight."""
+    from modeling_llava import LlavaForCausalLM
+    from modeling_llava.modeling_llava import CPU_ALIGNMENT, align_cpu_tensors
+
+    model, _ = tiny_llava
+    model.save_pretrained(tmp_path)
+    reloaded = LlavaForCausalLM.from_pretrained(tmp_path)
+    assert all(p.data_ptr() % CPU_ALIGNMENT == 0 for p in reloaded.parameters())
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in reloaded.state_dict().items())
+
+    # A module with a weight deliberately 4 bytes off, shared by two layers, frozen.
+    shared = torch.nn.Linear(16, 16, bias=False)
+    shared.weight = torch.nn.Parameter(torch.empty(16 * 16 + 1)[1:].view(16, 16).copy_(shared.weight),
+                                       requires_grad=False)
+    module = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Linear(16, 16, bias=False)})
+    module["b"].weight = shared.weight
+    before = shared.weight.detach().clone()
+    assert shared.weight.data_ptr() % CPU_ALIGNMENT
+    assert align_cpu_tensors(module) == 1
+    assert module["a"].weight is module["b"].weight and not module["a"].weight.requires_grad
+    assert module["a"].weight.data_ptr() % CPU_ALIGNMENT == 0 and torch.equal(module["a"].weight, before)
+    assert align_cpu_tensors(module) == 0
