@@ -108,7 +108,9 @@ def align_cpu_tensors(model: nn.Module) -> int:
     Weights loaded from safetensors on CPU are views into the memory-mapped file, starting wherever the file's header
     happened to end (8 + header length, a multiple of 8 only). Decode-size matmuls read misaligned weights measurably
     slower (2-6% in a micro-benchmark at 56 bytes off). The copy swaps `.data`, so tied parameters stay one object and
-    `requires_grad` is kept. Returns the number of tensors copied.
+    `requires_grad` is kept. It costs one memcpy of the misaligned weights at load; tensors on an accelerator or on
+    the meta device, and weights that loading already copied (a dtype cast), are left alone. Returns the number of
+    tensors copied.
     """
     copied = 0
     for tensors in ((p for p in model.parameters()), (b for b in model.buffers())):
