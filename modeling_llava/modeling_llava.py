@@ -8,6 +8,7 @@ This file is copied next to the weights by `save_pretrained`, so it imports only
 sibling `configuration_llava.py`.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -113,11 +114,10 @@ def align_cpu_tensors(model: nn.Module) -> int:
     tensors copied.
     """
     copied = 0
-    for tensors in ((p for p in model.parameters()), (b for b in model.buffers())):
-        for tensor in tensors:
-            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % CPU_ALIGNMENT:
-                tensor.data = tensor.data.clone(memory_format=torch.preserve_format)
-                copied += 1
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % CPU_ALIGNMENT:
+            tensor.data = tensor.data.clone(memory_format=torch.preserve_format)
+            copied += 1
     return copied
 
 

@@ -423,7 +423,7 @@ class LlavaSFTTrainer(SFTTrainer):
             # Equal lengths leave the order within each group random.
             lengths = dataset["length"] if by_length else [0] * len(dataset)
             return ModalityLengthGroupedSampler(lengths, dataset["batch_group"], self.args.per_device_train_batch_size)
-        if self.args.train_sampling_strategy == "group_by_length" and {"images", "length"} <= set(columns):
+        if by_length and "images" in columns:
             has_image = [n > 0 for n in image_counts(dataset)]
             if any(has_image) and not all(has_image):
                 return ModalityLengthGroupedSampler(dataset["length"], has_image, self.args.per_device_train_batch_size)
