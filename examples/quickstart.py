@@ -4,7 +4,7 @@
 
 1. the synthetic scene world (images of coloured shapes + COCO-format captions and boxes), train and eval splits;
 2. stand-ins for the pretrained parts: a tiny CLIP trained contrastively on the image-caption pairs and a tiny
-   LLaMA trained on the captions, with a tokenizer trained here;
+   LLaMA trained on the captions and the teacher's turns, each with its own tokenizer trained here;
 3. instruction data from the offline symbolic teacher (conversation, detailed description, complex reasoning), mixed
    with short-answer VQA turns as LLaVA-1.5 mixes VQAv2/GQA into its 665K;
 4. stage 1 (projector only) and stage 2 (projector + LM) through `training/sft.py`, the same code path as a real run;
@@ -102,23 +102,20 @@ def make_data(out: Path, preset: Preset, seed: int):
 
 
 def make_parts(out: Path, world_dir: Path, data_dir: Path, preset: Preset, seed: int) -> tuple[Path, Path]:
-    from transformers import AutoTokenizer
-
     from training.miniature import PartsConfig, build_tokenizer, clip_retrieval_accuracy, corpus_texts
     from training.miniature import train_clip_standin, train_lm_standin
 
     cfg = PartsConfig(seed=seed, **preset.parts)
     clip_dir, lm_dir = out / "parts" / "clip", out / "parts" / "lm"
     annotations = world_dir / "annotations"
-    texts = corpus_texts(annotations, "train", data_dir / "instruct.json")
     if not (lm_dir / "config.json").exists():
+        texts = corpus_texts(annotations, "train", data_dir / "instruct.json")
         tokenizer = build_tokenizer(texts, cfg.vocab_size)
         train_lm_standin(texts, tokenizer, lm_dir, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     if not (clip_dir / "config.json").exists():
-        train_clip_standin(world_dir / "images" / "train", annotations, "train", tokenizer, clip_dir, cfg)
+        train_clip_standin(world_dir / "images" / "train", annotations, "train", clip_dir, cfg)
         accuracy = clip_retrieval_accuracy(
-            clip_dir, world_dir / "images" / "eval", annotations, "eval", tokenizer, n=min(256, preset.eval_images)
+            clip_dir, world_dir / "images" / "eval", annotations, "eval", n=min(256, preset.eval_images)
         )
         log(f"CLIP stand-in: held-out image->caption retrieval top-1 {accuracy:.3f}")
     return clip_dir, lm_dir
