@@ -397,20 +397,25 @@ def scene_vqa_pairs(objects: list[SceneObject], rng: random.Random, turns: int =
     return pairs
 
 
-def write_scene_vqa(instances_path: str | os.PathLike, path: str | os.PathLike, seed: int = 0, turns: int = 6) -> Path:
-    """Short-answer VQA as LLaVA JSON: one multi-turn record per image, `<image>` before or after the first question
-    at random, like LLaVA-1.5 groups VQAv2/GQA questions of an image into one conversation. Records carry
-    `"type": "vqa"` beside the teacher's `conversation`/`detail`/`complex`, for `--group_batches_by type`."""
+def write_scene_vqa(
+    instances_path: str | os.PathLike, path: str | os.PathLike, seed: int = 0, turns: int = 6, per_image: int = 1
+) -> Path:
+    """Short-answer VQA as LLaVA JSON: `per_image` multi-turn records per image, each with its own questions,
+    `<image>` before or after the first question at random, like LLaVA-1.5 groups VQAv2/GQA questions of an image
+    into one conversation. Records carry `"type": "vqa"` beside the teacher's `conversation`/`detail`/`complex`,
+    for `--group_batches_by type`."""
     files, scenes = load_scene_objects(instances_path)
     records = []
     for image_id in sorted(files):
-        rng = random.Random(f"vqa/{seed}/{image_id}")
-        conversations = []
-        for i, (question, answer) in enumerate(scene_vqa_pairs(scenes[image_id], rng, turns)):
-            if i == 0:
-                question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
-            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        records.append({"id": f"{image_id}_vqa", "image": files[image_id], "conversations": conversations, "type": "vqa"})
+        for k in range(per_image):
+            rng = random.Random(f"vqa/{seed}/{image_id}" + (f"/{k}" if k else ""))
+            conversations = []
+            for i, (question, answer) in enumerate(scene_vqa_pairs(scenes[image_id], rng, turns)):
+                if i == 0:
+                    question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+                conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+            record_id = f"{image_id}_vqa" + (str(k) if k else "")
+            records.append({"id": record_id, "image": files[image_id], "conversations": conversations, "type": "vqa"})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, records)

@@ -25,6 +25,7 @@ from processing.synthetic import (  # noqa: E402
     sample_scene,
     write_caption_data,
     write_probe_set,
+    write_scene_vqa,
 )
 
 
@@ -189,6 +190,20 @@ def test_scene_vqa_answers_are_true_and_not_given_away_by_other_turns():
     assert abs(share["more Yes so far"] - share["more No so far"]) < 0.06, share
     assert min(answers.values()) > 0.2 * max(answers.values())
     assert near_misses > 0.4 * no_answers
+
+
+def test_scene_vqa_several_conversations_per_image(tmp_path, worlds):
+    train, _ = worlds
+    one = json.loads(write_scene_vqa(train.instances_path, tmp_path / "one.json", seed=0).read_text())
+    three = json.loads(write_scene_vqa(train.instances_path, tmp_path / "three.json", seed=0, per_image=3).read_text())
+    assert len(three) == 3 * len(one) == 3 * 60 and len({r["id"] for r in three}) == len(three)
+    assert three[::3] == one  # the first conversation of an image is the one per_image=1 writes
+    by_image = {}
+    for record in three:
+        by_image.setdefault(record["image"], []).append(json.dumps(record["conversations"]))
+    # Each conversation asks its own questions (the point: more, and more varied, questions per image).
+    assert sum(len(set(c)) == 3 for c in by_image.values()) > 0.9 * len(by_image)
+    assert len(load_llava_json(tmp_path / "three.json", train.images_dir)) == len(three)
 
 
 def test_probe_and_caption_data_load_as_llava_json(tmp_path, worlds):
