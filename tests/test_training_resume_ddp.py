@@ -95,4 +95,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tiny_world, st
     assert result.returncode == 0, result.stderr[-4000:]
     # Really one data-parallel group (accelerate falls back to independent processes without `use_cpu`).
     assert json.loads((ddp / "training_summary.json").read_text())["hyperparameters"]["global_batch_size"] == 4
-    assert_same_weights(single, ddp, atol=2e-5)
+    # Reduction order differs between one process and two, and Adam turns that into update differences on
+    # near-zero gradients: 2e-5 here, against 5e-3 for one step at this lr. One process on half the batch (what an
+    # unsynchronised rank trains on) ends 2e-2 away.
+    assert_same_weights(single, ddp, atol=1e-4)
