@@ -211,6 +211,8 @@ def test_symbolic_conversations_cover_probe_questions_with_correct_first_words(c
                 present = f"{match[1]} {match[2]}" in {o.category for o in objects}
                 assert first == ("yes" if present else "no"), (question, answer)
                 assert answer.startswith("Yes, " if present else "No, ")
+                if not present:  # the negation alone: no present object named after "No"
+                    assert answer == f"No, there is no {match[1]} {match[2]}.", answer
                 phrasings["exists"][question] += 1
                 yes_no[first] += 1
                 seen.add("exists")
