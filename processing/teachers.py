@@ -444,7 +444,7 @@ class SymbolicTeacher:
     # -- complex reasoning --------------------------------------------------------------------------
 
     def reasoning(self, objects: list[_Obj], rng: random.Random) -> tuple[str, str]:
-        options = [self._removal, self._same_color, self._majority_color]
+        options = [self._removal, self._color_variety, self._majority_color]
         if len(objects) > 1:
             options.append(self._closest_pair)
         return rng.choice(options)(objects, rng)
@@ -462,17 +462,22 @@ class SymbolicTeacher:
         )
         return question, answer
 
-    def _same_color(self, objects: list[_Obj], rng: random.Random) -> tuple[str, str]:
-        colors = [o.color or o.name for o in objects]
-        question = "Do all the objects in the image share the same color? Explain."
+    def _color_variety(self, objects: list[_Obj], rng: random.Random) -> tuple[str, str]:
+        # Asked as "how many", not "do all ... share": a yes/no answer to anything but existence, followed by the
+        # objects it names, pulled the existence probe to chance in the miniature (0.53 with 161 such records beside
+        # 1500 conversations, 0.71 without them, on ideal object tokens; README "What keeps existence at chance").
         if not all(o.color for o in objects):
             return self._removal(objects, rng)
-        distinct = sorted(set(colors))
+        question = "How many different colors do the objects in the image have? Explain."
+        distinct = sorted({o.color for o in objects})
         if len(distinct) == 1:
-            answer = f"Yes. Every object in the image is {distinct[0]}: " + _listing([_a(o.name) for o in objects]) + "."
+            answer = f"One. Every object in the image is {distinct[0]}: " + _listing([_a(o.name) for o in objects]) + "."
         else:
             per = "; ".join(f"the {o.name} is {o.color}" for o in objects)
-            answer = f"No. Looking at each object in turn, {per}, so the image contains {_number(len(distinct))} different colors: {_listing(distinct)}."
+            answer = (
+                f"{_number(len(distinct)).capitalize()}. Looking at each object in turn, {per}, so the image contains "
+                f"{_number(len(distinct))} different colors: {_listing(distinct)}."
+            )
         return question, answer
 
     def _majority_color(self, objects: list[_Obj], rng: random.Random) -> tuple[str, str]:

@@ -243,6 +243,25 @@ def test_symbolic_replies_parse_and_are_grounded_for_every_type(contexts, world)
                 assert all(name in pairs[0][1] for name in ctx.categories)
 
 
+def test_symbolic_yes_no_answers_are_existence_answers_only(contexts, world):
+    """Only existence questions are answered yes or no; in the miniature a yes/no answer to another question, with
+    the objects named after it, kept the existence probe at chance. The color-variety question answers a number."""
+    _, scenes = load_scene_objects(world.instances_path)
+    variety = 0
+    for ctx, text in zip(contexts, replies(contexts, "complex")):
+        ((question, answer),) = parse_reply("complex", text)
+        assert re.match(r"(yes|no)\b", answer, re.I) is None, (question, answer)
+        if question.startswith("How many different colors"):
+            colors = {o.color for o in scenes[ctx.image_id]}
+            assert answer.startswith(NUMBER_WORDS[len(colors)].capitalize() + "."), (answer, colors)
+            variety += 1
+    assert variety > 0
+    for text in replies(contexts, "conversation"):
+        for question, answer in parse_reply("conversation", text):
+            if re.match(r"(yes|no)\b", answer, re.I):
+                assert any(p.match(question) for p in EXISTS_Q), (question, answer)
+
+
 def test_symbolic_teacher_is_deterministic_by_seed(contexts):
     assert replies(contexts[:10], "conversation", seed=0) == replies(contexts[:10], "conversation", seed=0)
     assert replies(contexts[:10], "conversation", seed=0) != replies(contexts[:10], "conversation", seed=1)
