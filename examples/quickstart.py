@@ -37,7 +37,8 @@ class Preset:
     stage2_steps: int
     batch_size: int
     parts: dict
-    # Share of the train images that get a symbolic-teacher conversation / a detail + a complex sample.
+    # Share of the train images that get a symbolic-teacher conversation / a detail + a complex sample. Detail +
+    # complex on 3% instead of 10% scored 0.661 / 0.619 against 0.626 / 0.667 (two training seeds): no change.
     conversation_share: float = 0.25
     detail_complex_share: float = 0.1
     # Short-answer VQA conversations per train image, each with its own questions. Three offset the teacher's

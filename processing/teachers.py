@@ -387,8 +387,8 @@ class SymbolicTeacher:
         hard = [c for c in candidates if any(c.split()[0] == o.color or c.split()[1] == o.noun for o in objects)]
         name = rng.choice(hard if hard and rng.random() < 0.5 else candidates)
         # The answer stops at the negation. An explanation after it ("The square in the image is blue.") names a
-        # present object right after "No"; in the miniature that alone kept the existence probe at chance
-        # (0.55 with it, 0.77 without it, on ideal object tokens; README "What keeps existence at chance").
+        # present object right after "No"; in the miniature that alone kept the existence probe at chance on ideal
+        # object tokens (0.55 with it, 0.77 without it, one run each; README "What keeps existence at chance").
         return rng.choice(self.EXISTS_QUESTIONS).format(a=_a(name)), f"No, there is no {name}."
 
     def _where(self, objects: list[_Obj], rng: random.Random) -> tuple[str, str] | None:
@@ -464,8 +464,8 @@ class SymbolicTeacher:
 
     def _color_variety(self, objects: list[_Obj], rng: random.Random) -> tuple[str, str]:
         # Asked as "how many", not "do all ... share": a yes/no answer to anything but existence, followed by the
-        # objects it names, pulled the existence probe to chance in the miniature (0.53 with 161 such records beside
-        # 1500 conversations, 0.71 without them, on ideal object tokens; README "What keeps existence at chance").
+        # objects it names, pulled the existence probe to chance in the miniature (ideal object tokens, one run each:
+        # 0.53 with 161 such records beside 1500 conversations, 0.71 without them; README "What keeps existence ...").
         if not all(o.color for o in objects):
             return self._removal(objects, rng)
         question = "How many different colors do the objects in the image have? Explain."
