@@ -53,8 +53,8 @@ PRESETS = {
     # 374 s measured on 2 CPU cores (stage 2 ~0.2 s per step of 32 conversations, stage 1 ~0.07 s per step).
     "default": Preset(train_images=6000, eval_images=300, stage1_steps=500, stage2_steps=1500, batch_size=32,
                       parts=dict(clip_steps=100, clip_batch_size=64, lm_steps=100)),
-    # Seconds: the code path, not the accuracy (used by the tests).
-    # The tests' world: teacher records on a quarter of its 48 images (the default's 2.5% would leave one or two).
+    # Seconds: the code path, not the accuracy (used by the tests). Teacher records on a quarter of its 48 images:
+    # the default's 2.5% would leave one or two.
     "tiny": Preset(train_images=48, eval_images=12, stage1_steps=3, stage2_steps=4, batch_size=8,
                    conversation_share=0.25, detail_complex_share=0.1,
                    parts=dict(vision_hidden_size=32, vision_layers=1, text_hidden_size=32, text_intermediate_size=64,
