@@ -12,6 +12,9 @@
 
 Every step leaves its output under OUTPUT and is skipped when that output is already there, so an interrupted run
 continues where it stopped (stage 2 resumes from its last Trainer checkpoint).
+
+Stage 2 trains the preset's steps, or fewer where they would not fit 10 minutes on this machine: its speed is
+measured on stage 1 (`--budget-minutes N` fills N minutes instead, `--stage2-steps N` trains N).
 """
 
 import argparse
@@ -19,7 +22,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -50,7 +53,8 @@ class Preset:
 
 
 PRESETS = {
-    # 374 s measured on 2 CPU cores (stage 2 ~0.2 s per step of 32 conversations, stage 1 ~0.07 s per step).
+    # 374 s measured on 2 CPU cores (stage 2 ~0.2 s per step of 32 conversations, stage 1 ~0.07 s per step); on
+    # a machine ~2.5x slower stage 2 is cut to what fits DEFAULT_BUDGET_MINUTES (see plan_stage2).
     "default": Preset(train_images=6000, eval_images=300, stage1_steps=500, stage2_steps=1500, batch_size=32,
                       parts=dict(clip_steps=100, clip_batch_size=64, lm_steps=100)),
     # Seconds: the code path, not the accuracy (used by the tests). Teacher records on a quarter of its 48 images:
@@ -61,22 +65,52 @@ PRESETS = {
                               text_layers=1,
                               clip_steps=2, clip_batch_size=16, lm_steps=2, lm_batch_size=8, vocab_size=400)),
 }
-# Measured share of the default run spent outside stage 2 (world, parts, data, stage 1, probe), in seconds, and the
-# cost of a stage-2 step, on the 2-core machine of the README's 2026-12 runs (an earlier one was ~1.45x slower).
-FIXED_COST_S = 75.0
-STAGE2_STEP_S = 0.2
+# The default's stage-2 steps are cut to what fits this wall-clock budget on the machine at hand (issue #4's bound).
+DEFAULT_BUDGET_MINUTES = 10.0
+# A stage-2 step (32 VQA conversations, projector + LM) costs this many stage-1 steps (32 captions, projector only):
+# the ratio of their measured `train_runtime_s / global_steps` was 2.9-3.5 over five runs on two machines whose
+# speeds differ 2.5x (stage-2 steps of 0.2 s on one, 0.50-0.57 s on the other), so stage 1 is the machine's stopwatch.
+STAGE2_PER_STAGE1_STEP = 3.3
+STAGE2_OVERHEAD_S = 25.0  # stage-2 setup (data, Trainer) and the probe: 18-20 s measured on the slower machine
+BUDGET_SAFETY = 0.95  # aim a little under the budget: the ratio above is an estimate
+MIN_STAGE2_STEPS = 100
 
 
 def log(message: str) -> None:
     print(f"[quickstart] {message}", flush=True)
 
 
-def scale_to_budget(preset: Preset, budget_minutes: float | None) -> Preset:
-    """More or fewer stage-2 steps (the knob that buys accuracy) to fit a wall-clock budget."""
-    if budget_minutes is None:
-        return preset
-    steps = int((budget_minutes * 60 - FIXED_COST_S) / STAGE2_STEP_S)
-    return replace(preset, stage2_steps=max(100, steps))
+def stage2_steps_within(budget_s: float, elapsed_s: float, stage1_summary: dict) -> tuple[int, float]:
+    """Stage-2 steps that fit what is left of a wall-clock budget, and the estimated seconds per step, from this
+    machine's measured stage-1 speed."""
+    step_s = STAGE2_PER_STAGE1_STEP * stage1_summary["train_runtime_s"] / max(1, stage1_summary["global_steps"])
+    left_s = BUDGET_SAFETY * budget_s - elapsed_s - STAGE2_OVERHEAD_S
+    return max(MIN_STAGE2_STEPS, int(left_s / step_s)), step_s
+
+
+def plan_stage2(out: Path, preset: Preset, stage2_steps: int | None, budget_minutes: float | None,
+                elapsed_s: float) -> dict:
+    """How many stage-2 steps this run trains, decided once and kept in `OUTPUT/stage2_plan.json`, so that a resumed
+    stage 2 continues the schedule it started (a later run's clock would give another count).
+
+    `--stage2-steps N` trains N; `--budget-minutes M` fills M minutes; by default the preset's steps, fewer when they
+    would not fit `DEFAULT_BUDGET_MINUTES` here."""
+    path = out / "stage2_plan.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if stage2_steps is not None:
+        plan = {"max_steps": stage2_steps, "rule": "--stage2-steps"}
+    else:
+        summary = json.loads((out / "stage1" / "training_summary.json").read_text())
+        budget_s = 60 * (budget_minutes if budget_minutes is not None else DEFAULT_BUDGET_MINUTES)
+        fit, step_s = stage2_steps_within(budget_s, elapsed_s, summary)
+        steps = fit if budget_minutes is not None else min(preset.stage2_steps, fit)
+        plan = {"max_steps": steps, "estimated_step_s": round(step_s, 3), "budget_s": budget_s,
+                "elapsed_before_stage2_s": round(elapsed_s, 1),
+                "rule": "--budget-minutes" if budget_minutes is not None else
+                        ("preset" if steps == preset.stage2_steps else "preset, cut to the default budget")}
+    path.write_text(json.dumps(plan, indent=2))
+    return plan
 
 
 def make_data(out: Path, preset: Preset, seed: int):
@@ -145,14 +179,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", type=Path, default=REPO / "runs" / "quickstart")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--budget-minutes", type=float, default=None,
-                        help="wall-clock budget; scales the stage-2 steps (default: the preset's)")
+                        help="wall-clock budget of the whole run: stage 2 gets the steps that fit, at this machine's "
+                             f"measured speed (default: the preset's steps, cut to fit {DEFAULT_BUDGET_MINUTES:g} minutes)")
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the stage-2 step count")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    preset = scale_to_budget(PRESETS[args.preset], args.budget_minutes)
-    if args.stage2_steps is not None:
-        preset = replace(preset, stage2_steps=args.stage2_steps)
+    preset = PRESETS[args.preset]
     out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings, start = {}, time.time()
@@ -182,10 +215,12 @@ def main(argv=None) -> dict:
         })
     lap("stage1")
     if not (stage2 / "training_summary.json").exists():
-        log(f"stage 2: projector + LM, {preset.stage2_steps} steps on instruction data")
+        plan = plan_stage2(out, preset, args.stage2_steps, args.budget_minutes, time.time() - start)
+        estimate = f" (~{plan['estimated_step_s']:.2f} s each here)" if "estimated_step_s" in plan else ""
+        log(f"stage 2: projector + LM, {plan['max_steps']} steps{estimate} on instruction data [{plan['rule']}]")
         run_stage("miniature_stage2.yaml", {
             **common, "model_name_or_path": stage1, "data_path": data_dir / "stage2.json", "output_dir": stage2,
-            "max_steps": preset.stage2_steps, "resume_from_checkpoint": "last",  # the newest complete checkpoint
+            "max_steps": plan["max_steps"], "resume_from_checkpoint": "last",  # the newest complete checkpoint
         })
     lap("stage2")
 
@@ -204,7 +239,8 @@ def main(argv=None) -> dict:
         )
     lap("eval")
     timings["total"] = round(time.time() - start, 1)
-    result = {**result, "timings_s": timings, "preset": args.preset, "stage2_steps": preset.stage2_steps,
+    result = {**result, "timings_s": timings, "preset": args.preset,
+              "stage2_steps": json.loads((stage2 / "training_summary.json").read_text())["global_steps"],
               "parts": asdict(preset)["parts"]}
     (out / "eval_results.json").write_text(json.dumps(result, indent=2))
     per_template = ", ".join(f"{k} {v:.3f}" for k, v in result["per_template"].items())

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -54,3 +55,40 @@ def test_quickstart_tiny_runs_every_step_and_resumes(tmp_path):
                                              {"type": "text", "text": "How many shapes are in the image?"}]}]
     reply = pipe(text=messages, generate_kwargs={"max_new_tokens": 3, "do_sample": False})
     assert isinstance(reply[0]["generated_text"][-1]["content"], str)
+
+
+def _stage1_summary(out, seconds_per_step):
+    (out / "stage1").mkdir(parents=True)
+    summary = {"stage": "stage1", "train_runtime_s": 500 * seconds_per_step, "global_steps": 500}
+    (out / "stage1" / "training_summary.json").write_text(json.dumps(summary))
+
+
+def test_stage2_plan_fits_the_budget_at_the_measured_speed_and_is_kept_for_resume(tmp_path):
+    sys.path.insert(0, str(REPO / "examples"))
+    import quickstart as qs
+
+    preset = qs.PRESETS["default"]
+    budget_s = 60 * qs.DEFAULT_BUDGET_MINUTES
+
+    def plan(name, seconds_per_step, elapsed_s, stage2_steps=None, budget_minutes=None):
+        out = tmp_path / name
+        _stage1_summary(out, seconds_per_step)
+        return qs.plan_stage2(out, preset, stage2_steps, budget_minutes, elapsed_s)
+
+    # A machine as fast as the README's keeps the preset's steps; one 2.5x slower gets fewer, and what it gets fits.
+    fast = plan("fast", 0.07, elapsed_s=75)
+    assert fast["max_steps"] == preset.stage2_steps and fast["rule"] == "preset"
+    slow = plan("slow", 0.175, elapsed_s=190)
+    assert qs.MIN_STAGE2_STEPS < slow["max_steps"] < preset.stage2_steps
+    assert slow["rule"] == "preset, cut to the default budget"
+    assert slow["estimated_step_s"] == pytest.approx(qs.STAGE2_PER_STAGE1_STEP * 0.175, abs=1e-3)
+    planned_s = 190 + qs.STAGE2_OVERHEAD_S + slow["max_steps"] * slow["estimated_step_s"]
+    assert budget_s * 0.9 < planned_s <= budget_s
+    # --budget-minutes fills its budget, past the preset's steps when there is time; --stage2-steps is taken as is.
+    assert plan("roomy", 0.07, elapsed_s=75, budget_minutes=30)["max_steps"] > preset.stage2_steps
+    assert plan("exact", 0.07, elapsed_s=75, stage2_steps=321) == {"max_steps": 321, "rule": "--stage2-steps"}
+    # A budget already spent still trains a minimum, rather than nothing.
+    assert plan("late", 0.175, elapsed_s=2 * budget_s)["max_steps"] == qs.MIN_STAGE2_STEPS
+    # The plan is written once: a resumed run continues the schedule it started, whatever its own clock says.
+    again = qs.plan_stage2(tmp_path / "slow", preset, None, 60.0, elapsed_s=0)
+    assert again == slow == json.loads((tmp_path / "slow" / "stage2_plan.json").read_text())
