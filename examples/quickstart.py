@@ -95,8 +95,11 @@ def plan_stage2(out: Path, preset: Preset, stage2_steps: int | None, budget_minu
 
     `--stage2-steps N` trains N; `--budget-minutes M` fills M minutes; by default the preset's steps, fewer when they
     would not fit `DEFAULT_BUDGET_MINUTES` here."""
+    from training.export import write_atomically
+
     path = out / "stage2_plan.json"
     if path.exists():
+        log(f"stage 2: keeping the plan of the run that started it ({path.name})")
         return json.loads(path.read_text())
     if stage2_steps is not None:
         plan = {"max_steps": stage2_steps, "rule": "--stage2-steps"}
@@ -104,12 +107,15 @@ def plan_stage2(out: Path, preset: Preset, stage2_steps: int | None, budget_minu
         summary = json.loads((out / "stage1" / "training_summary.json").read_text())
         budget_s = 60 * (budget_minutes if budget_minutes is not None else DEFAULT_BUDGET_MINUTES)
         fit, step_s = stage2_steps_within(budget_s, elapsed_s, summary)
-        steps = fit if budget_minutes is not None else min(preset.stage2_steps, fit)
+        if budget_minutes is not None:
+            steps, rule = fit, "--budget-minutes"
+        else:
+            steps = min(preset.stage2_steps, fit)
+            rule = "preset" if steps == preset.stage2_steps else "preset, cut to the default budget"
         plan = {"max_steps": steps, "estimated_step_s": round(step_s, 3), "budget_s": budget_s,
-                "elapsed_before_stage2_s": round(elapsed_s, 1),
-                "rule": "--budget-minutes" if budget_minutes is not None else
-                        ("preset" if steps == preset.stage2_steps else "preset, cut to the default budget")}
-    path.write_text(json.dumps(plan, indent=2))
+                "elapsed_before_stage2_s": round(elapsed_s, 1), "rule": rule}
+    # Atomic: a run killed while writing it must not leave a half file that the resumed run cannot read.
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(plan, indent=2)))
     return plan
 
 
