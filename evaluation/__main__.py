@@ -6,6 +6,7 @@
     scienceqa-to-llava  convert ScienceQA's problems.json + pid_splits.json to LLaVA JSON training data
     pope                POPE object-hallucination probe (random / popular / adversarial negatives)
     scene-probe         the synthetic scene world's QA probe (first-word accuracy per template)
+    binding-probe       can a tower's features be looked up by shape? (one attention head, no LM)
 
 `python -m evaluation COMMAND --help` lists each command's options.
 """
@@ -13,7 +14,7 @@
 import argparse
 import sys
 
-from evaluation import llava_bench, pope, scene_probe, scienceqa
+from evaluation import binding_probe, llava_bench, pope, scene_probe, scienceqa
 
 COMMANDS = {  # name: (add_arguments, run, help)
     "llava-bench": (llava_bench.add_arguments, llava_bench.run, "LLaVA-Bench relative score with a judge"),
@@ -22,6 +23,7 @@ COMMANDS = {  # name: (add_arguments, run, help)
     "scienceqa-to-llava": (scienceqa.add_convert_arguments, scienceqa.run_convert, "ScienceQA -> LLaVA JSON"),
     "pope": (pope.add_arguments, pope.run, "POPE object-hallucination probe"),
     "scene-probe": (scene_probe.add_arguments, scene_probe.run, "synthetic scene world QA probe"),
+    "binding-probe": (binding_probe.add_arguments, binding_probe.run, "keyed colour-of-shape lookup on tower features"),
 }
 
 
