@@ -89,19 +89,15 @@ def keyed_lookup_accuracy(
 
 
 def _load_tower(path):
-    """The vision tower of a CLIP folder or of a llava_plugin checkpoint, and its image processor."""
-    from transformers import AutoConfig, AutoModelForCausalLM, CLIPModel
+    """The vision tower of a CLIP folder or of a llava_plugin checkpoint, and the image processor saved with it."""
+    import modeling_llava  # noqa: F401  (registers llava_plugin with the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, CLIPModel
 
-    from modeling_llava.builders import make_image_processor
-
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type == "clip":
+    if AutoConfig.from_pretrained(path).model_type == "clip":
         tower = CLIPModel.from_pretrained(path).vision_model
     else:
-        import modeling_llava  # noqa: F401  (registers llava_plugin)
-
         tower = AutoModelForCausalLM.from_pretrained(path).model.vision_tower
-    return tower.eval(), make_image_processor(tower.config.image_size)
+    return tower.eval(), AutoProcessor.from_pretrained(path).image_processor
 
 
 def tower_features(tower, image_processor, paths: list[Path], layer: int = -2, pooling: int = 2, batch_size: int = 256):

@@ -23,12 +23,12 @@ def world(tmp_path_factory):
 def object_codes(world, split, bound: bool) -> tuple[torch.Tensor, list]:
     """One token per object with its colour and shape one-hot; `bound=False` gives the same colours and shapes as a bag
     instead, shapes in tokens 0-3 and colours in tokens 4-7: what is present is there, which colour is whose is not."""
-    files, items = colour_lookup_items(world / "annotations" / f"instances_{split}.json")
-    by_file, scenes = load_scene_objects(world / "annotations" / f"instances_{split}.json")
-    ids = {name: image_id for image_id, name in by_file.items()}
-    features = torch.zeros(len(files), 8, len(COLORS) + len(SHAPES))
-    for row, name in enumerate(files):
-        for t, o in enumerate(scenes[ids[name]]):
+    instances = world / "annotations" / f"instances_{split}.json"
+    _, items = colour_lookup_items(instances)
+    _, scenes = load_scene_objects(instances)
+    features = torch.zeros(len(scenes), 8, len(COLORS) + len(SHAPES))
+    for row, image_id in enumerate(sorted(scenes)):  # the items' image order
+        for t, o in enumerate(scenes[image_id]):
             features[row, t if bound else t + 4, list(COLORS).index(o.color)] = 1
             features[row, t, len(COLORS) + SHAPES.index(o.shape)] = 1
     return features, items
