@@ -7,7 +7,8 @@ MLPs of the (standardized) image tokens is trained to name the colour of a shape
 scored on held-out scenes. `multi_colour` counts only scenes with two or more colours, where naming a colour that is
 present is not enough: there it reads ~0.5 when the features do not bind colour to shape, 1.0 on ideal object codes.
 
-    python -m evaluation binding-probe --tower runs/quickstart/parts/clip --world runs/quickstart/world
+    python -m evaluation binding-probe --tower runs/quickstart/parts/clip_regions --world runs/quickstart/world
+    python -m evaluation binding-probe --tower runs/quickstart/parts/clip --world runs/quickstart/world  # before alignment
     python -m evaluation binding-probe --tower runs/quickstart/stage1 --world runs/quickstart/world --layer 0
 
 `--tower` is a CLIP folder (the stand-in) or a llava_plugin checkpoint (its tower); the features are those LLaVA

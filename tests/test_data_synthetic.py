@@ -24,6 +24,7 @@ from processing.synthetic import (  # noqa: E402
     scene_vqa_pairs,
     sample_scene,
     write_caption_data,
+    write_color_questions,
     write_probe_set,
     write_scene_vqa,
 )
@@ -204,6 +205,25 @@ def test_scene_vqa_several_conversations_per_image(tmp_path, worlds):
     # Each conversation asks its own questions (the point: more, and more varied, questions per image).
     assert sum(len(set(c)) == 3 for c in by_image.values()) > 0.9 * len(by_image)
     assert len(load_llava_json(tmp_path / "three.json", train.images_dir)) == len(three)
+
+
+def test_color_questions_ask_every_once_occurring_shape_of_every_image(tmp_path, worlds):
+    train, _ = worlds
+    records = json.loads(write_color_questions(train.instances_path, tmp_path / "color.json", seed=0).read_text())
+    files, scenes = load_scene_objects(train.instances_path)
+    expected = {(files[i], o.shape, o.color) for i in files for o in scenes[i]
+                if sum(p.shape == o.shape for p in scenes[i]) == 1}
+    asked = set()
+    for record in records:
+        question, answer = (turn["value"] for turn in record["conversations"])
+        shape = re.search(r"(circle|square|triangle)", question).group(1)
+        asked.add((record["image"], shape, answer))
+        assert record["type"] == "color" and question.count("<image>") == 1
+    assert asked == expected and len(records) == len(expected)
+    # The image before or after the question, both often, as the paper's first-turn rule.
+    first = Counter(r["conversations"][0]["value"].startswith("<image>") for r in records)
+    assert min(first.values()) > 0.3 * len(records)
+    assert len(load_llava_json(tmp_path / "color.json", train.images_dir)) == len(records)
 
 
 def test_probe_and_caption_data_load_as_llava_json(tmp_path, worlds):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -20,7 +21,8 @@ def run_quickstart(out):
 def test_quickstart_tiny_runs_every_step_and_resumes(tmp_path):
     out = tmp_path / "qs"
     first = run_quickstart(out)
-    for step in ("drawing the scene world", "symbolic teacher", "stage 1", "stage 2", "scene QA probe"):
+    for step in ("drawing the scene world", "symbolic teacher", "aligned to the annotated regions", "stage 1", "stage 2",
+                 "scene QA probe"):
         assert step in first.stdout, step
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["per_template"]) == {"color", "count", "exists"}
@@ -31,7 +33,15 @@ def test_quickstart_tiny_runs_every_step_and_resumes(tmp_path):
         assert summary["stage"] == stage and summary["global_steps"] > 0
     stage2_data = json.loads((out / "data" / "stage2.json").read_text())
     kinds = {record.get("type", "vqa") for record in stage2_data}
-    assert kinds == {"vqa", "conversation", "detail", "complex"}
+    assert kinds == {"vqa", "color", "conversation", "detail", "complex"}
+    # The checkpoints carry the region-aligned tower, not the contrastive CLIP it was aligned from.
+    from safetensors.torch import load_file
+
+    stage2 = load_file(out / "stage2" / "model.safetensors")
+    for name, is_the_tower in (("clip_regions", True), ("clip", False)):
+        clip = load_file(out / "parts" / name / "model.safetensors")
+        key = "vision_model.embeddings.patch_embedding.weight"
+        assert torch.equal(stage2["model.vision_tower." + key.removeprefix("vision_model.")], clip[key]) == is_the_tower
 
     # A rerun finds every step's output and only evaluates again, to the same numbers.
     second = run_quickstart(out)
