@@ -53,7 +53,7 @@ class Preset:
     vqa_per_image: int = 1
     # Plus one single-question record per once-occurring shape (`write_color_questions`, ~7K for 6000 images): in the
     # VQA mix alone colour stayed a guess among the scene's colours (multi-colour scenes ~0.5); with them and the
-    # region-aligned tower 0.80 (1200 steps, README stop 19).
+    # region-aligned tower 0.72-0.80 there (1200-1500 steps, README stop 19).
     color_questions: bool = True
 
 
