@@ -59,9 +59,9 @@ def test_region_labels_mark_each_box_and_its_centre_patch(world):
 
     from processing.synthetic import load_scene_objects
 
-    labels = region_labels(world / "annotations", "train", image_size=64, patch_size=8)
-    files, scenes = load_scene_objects(world / "annotations" / "instances_train.json")
     instances = json.loads((world / "annotations" / "instances_train.json").read_text())
+    labels = region_labels(instances, image_size=64, patch_size=8)
+    files, scenes = load_scene_objects(world / "annotations" / "instances_train.json")
     categories = {c["name"]: c["id"] for c in instances["categories"]}
     for image_id, file_name in files.items():
         category, centre = labels[file_name].view(8, 8, 2).unbind(-1)
@@ -77,6 +77,7 @@ def test_region_labels_mark_each_box_and_its_centre_patch(world):
 def test_region_alignment_makes_patch_tokens_name_their_box(world):
     """The tower's patch tokens, at the layer the recipe reads, learn to name what is under them: better than always
     answering background, the majority of the patches."""
+    import json
     import random
 
     import torch
@@ -85,7 +86,8 @@ def test_region_alignment_makes_patch_tokens_name_their_box(world):
     from modeling_llava.builders import make_image_processor
 
     cfg = PartsConfig(vision_hidden_size=32, vision_layers=2, region_steps=80, region_batch_size=16, region_lr=3e-3)
-    labels = region_labels(world / "annotations", "train", cfg.image_size, cfg.patch_size)
+    instances = json.loads((world / "annotations" / "instances_train.json").read_text())
+    labels = region_labels(instances, cfg.image_size, cfg.patch_size)
     files = sorted(labels)
     pixels = make_image_processor(64)([Image.open(world / "images" / "train" / f).convert("RGB") for f in files],
                                       return_tensors="pt")["pixel_values"]

@@ -22,6 +22,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPMode
 
 from modeling_llava.builders import make_image_processor
 from processing.chat_templates import VICUNA_V1_SYSTEM
+from processing.coco import load_json
 from processing.tokenization import train_tokenizer
 
 
@@ -97,15 +98,14 @@ def _pixel_values(image_processor, paths: list[Path]) -> torch.Tensor:
     return image_processor(images, return_tensors="pt")["pixel_values"]
 
 
-def region_labels(annotations_dir, split: str, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
-    """`{file_name: (patches, 2) long tensor}` from the COCO `instances_{split}.json`, patches row-major: column 0 the
+def region_labels(instances: dict, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """`{file_name: (patches, 2) long tensor}` from a loaded COCO instances file, patches row-major: column 0 the
     category id of the box under the patch centre (0: background; where boxes overlap the later annotation wins),
     column 1 whether the patch holds a box's centre (1) or not (0)."""
-    data = json.loads((Path(annotations_dir) / f"instances_{split}.json").read_text())
     grid = image_size // patch_size
     centres = (torch.arange(grid) * patch_size + patch_size / 2).tolist()
-    labels = {image["id"]: torch.zeros(2, grid, grid, dtype=torch.long) for image in data["images"]}
-    for annotation in data["annotations"]:
+    labels = {image["id"]: torch.zeros(2, grid, grid, dtype=torch.long) for image in instances["images"]}
+    for annotation in instances["annotations"]:
         x, y, w, h = annotation["bbox"]
         rows = [r for r, c in enumerate(centres) if y <= c < y + h]
         cols = [k for k, c in enumerate(centres) if x <= c < x + w]
@@ -113,7 +113,7 @@ def region_labels(annotations_dir, split: str, image_size: int, patch_size: int)
         if rows and cols:
             label[0, rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1] = annotation["category_id"]
         label[1, min(grid - 1, int((y + h / 2) // patch_size)), min(grid - 1, int((x + w / 2) // patch_size))] = 1
-    return {image["file_name"]: labels[image["id"]].flatten(1).T for image in data["images"]}
+    return {image["file_name"]: labels[image["id"]].flatten(1).T for image in instances["images"]}
 
 
 def align_regions(vision_model, pixels: torch.Tensor, labels: torch.Tensor, num_categories: int, cfg: PartsConfig,
@@ -206,8 +206,8 @@ def align_clip_regions(clip_dir, images_dir, annotations_dir, split: str, out_di
     torch.manual_seed(cfg.seed)
     model = CLIPModel.from_pretrained(clip_dir).train()
     image_processor = AutoImageProcessor.from_pretrained(clip_dir)
-    instances = json.loads((Path(annotations_dir) / f"instances_{split}.json").read_text())
-    regions = region_labels(annotations_dir, split, cfg.image_size, cfg.patch_size)
+    instances = load_json(Path(annotations_dir) / f"instances_{split}.json")  # errors name the file
+    regions = region_labels(instances, cfg.image_size, cfg.patch_size)
     files = sorted(regions)
     pixels = _pixel_values(image_processor, [Path(images_dir) / f for f in files])
     labels = torch.stack([regions[f] for f in files])
@@ -274,6 +274,6 @@ def clip_retrieval_accuracy(clip_dir, images_dir, annotations_dir, split: str, n
 
 
 __all__ = [
-    "PartsConfig", "align_clip_regions", "align_regions", "build_tokenizer", "clip_retrieval_accuracy", "corpus_texts", "region_labels",
-    "train_clip_standin", "train_lm_standin",
+    "PartsConfig", "align_clip_regions", "align_regions", "build_tokenizer", "clip_retrieval_accuracy", "corpus_texts",
+    "region_labels", "train_clip_standin", "train_lm_standin",
 ]
