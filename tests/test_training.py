@@ -176,6 +176,43 @@ def test_labels_of_a_real_batch_are_the_answers_and_their_eos(stage1_dir, tiny_w
         assert not kept[input_ids == processor.image_token_id].any()
 
 
+def test_cpu_loss_path_matches_trls_fused_head(stage1_dir, tiny_world, tmp_path):
+    """On CPU the trainer takes the model's own loss (faster there); loss, gradients and logged metrics must be TRL's."""
+    from transformers import AutoProcessor
+    from trl import SFTTrainer
+
+    from training.sft import DataArguments, LlavaSFTConfig, LlavaSFTTrainer, prepare_dataset
+
+    processor = AutoProcessor.from_pretrained(stage1_dir)
+    processor.chat_template = sft.get_chat_template("vicuna_v1")
+    model = sft.LlavaForCausalLM.from_pretrained(stage1_dir)
+    sft.set_trainable(model, "full")
+    dataset = prepare_dataset(tiny_world["instruct"], DataArguments(image_folder=str(tiny_world["images"])),
+                              processor, 512, seed=0)
+    args = LlavaSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
+                          gradient_checkpointing=False, train_sampling_strategy="sequential")
+    trainer = LlavaSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    num_items = (batch["labels"][:, 1:] != -100).sum()
+    results = []
+    for compute_loss in (trainer.compute_loss, lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k)):
+        trainer._metrics["train"].clear()
+        trainer._total_train_tokens = 0
+        loss = compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+        trainer.model.zero_grad()
+        results.append((loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}))
+    (ours, our_grads, our_metrics), (trls, trl_grads, trl_metrics) = results
+    assert torch.allclose(ours, trls, atol=1e-5) and ours > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(our_grads, trl_grads))
+    assert sum(g.abs().sum() for g in our_grads) > 0
+    assert our_metrics.keys() == trl_metrics.keys() == {"entropy", "mean_token_accuracy", "num_tokens"}
+    for key in our_metrics:
+        assert our_metrics[key] == pytest.approx(trl_metrics[key], abs=1e-4)
+
+
 def test_overlong_records_error_or_skip(stage1_dir, tiny_world, capsys):
     from transformers import AutoProcessor
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import set_seed
+from transformers import Trainer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 
@@ -428,6 +428,36 @@ class LlavaSFTTrainer(SFTTrainer):
             if any(has_image) and not all(has_image):
                 return ModalityLengthGroupedSampler(dataset["length"], has_image, self.args.per_device_train_batch_size)
         return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.device.type != "cpu" or self.args.loss_type != "nll" or self.label_smoother is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # On CPU, TRL's fused LM head scores every position, in fp32 tiles (it keeps only the labelled ones where Triton
+        # runs): on the miniature that is 60% of a stage-2 step, and the model's own logits and loss make the step 1.5x
+        # faster (0.15 vs 0.22 s, measured). The full logits it spares only matter on a GPU, where TRL's path stays.
+        inputs["use_cache"] = False
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        self._record_token_metrics(outputs.logits, inputs["labels"], inputs.get("attention_mask"))
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_token_metrics(self, logits, labels, attention_mask) -> None:
+        """The metrics TRL's own loss path logs (entropy, mean_token_accuracy, num_tokens), over the labelled
+        positions."""
+        mode = "train" if self.model.training else "eval"
+        targets = labels[:, 1:]
+        mask = targets != -100
+        log_probs = logits[:, :-1][mask].float().log_softmax(-1)
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(mask.sum()).sum()
+        entropy_sum = gather(-(log_probs.exp() * log_probs).sum()).sum()
+        num_correct = gather((log_probs.argmax(-1) == targets[mask]).sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train" and attention_mask is not None:
+            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def create_optimizer(self, model=None):
         if self.projector_lr is None or self.optimizer is not None:
