@@ -194,6 +194,7 @@ def test_cpu_loss_path_matches_trls_fused_head(stage1_dir, tiny_world, tmp_path)
     trainer = LlavaSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.train()
+    assert trainer.args.device.type == "cpu" and not trainer.aux_loss_enabled  # so our path is the one compared
     num_items = (batch["labels"][:, 1:] != -100).sum()
     results = []
     for compute_loss in (trainer.compute_loss, lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k)):
