@@ -79,8 +79,8 @@ PRESETS = {
 # The default's stage-2 steps are cut to what fits this wall-clock budget on the machine at hand (issue #4's bound).
 DEFAULT_BUDGET_MINUTES = 10.0
 # A stage-2 step (32 VQA conversations, projector + LM) costs this many stage-1 steps (32 captions, projector only):
-# the ratio of their measured `train_runtime_s / global_steps`, so stage 1 is the machine's stopwatch. 2.6-3.2 over
-# five runs since both take the model's own loss on CPU (stop 20: the machine's speed drifts within a run; at 2.6 one
+# the ratio of their measured `train_runtime_s / global_steps`, so stage 1 is the machine's stopwatch. 2.4-3.2 over
+# six runs since both take the model's own loss on CPU (stop 20: the machine's speed drifts within a run; at 2.6 one
 # run ended at 601 s); 2.9-3.5 before, over five runs on two machines whose speeds differ 2.5x.
 STAGE2_PER_STAGE1_STEP = 3.0
 STAGE2_OVERHEAD_S = 25.0  # stage-2 setup (data, Trainer) and the probe: 18-20 s measured on the slower machine

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import Trainer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+from trl.trainer.utils import entropy_from_logits
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/sft.py` from a checkout
@@ -449,11 +450,11 @@ class LlavaSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         targets = labels[:, 1:]
         mask = targets != -100
-        log_probs = logits[:, :-1][mask].float().log_softmax(-1)
+        scored = logits[:, :-1][mask].float()
         gather = self.accelerator.gather_for_metrics
         num_valid = gather(mask.sum()).sum()
-        entropy_sum = gather(-(log_probs.exp() * log_probs).sum()).sum()
-        num_correct = gather((log_probs.argmax(-1) == targets[mask]).sum()).sum()
+        entropy_sum = gather(entropy_from_logits(scored).sum()).sum()
+        num_correct = gather((scored.argmax(-1) == targets[mask]).sum()).sum()
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train" and attention_mask is not None:
