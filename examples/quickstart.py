@@ -61,7 +61,7 @@ PRESETS = {
     # Stage 2 gets what is left of DEFAULT_BUDGET_MINUTES (see plan_stage2): 2,500-3,000 steps of 0.14-0.17 s on 2 CPU
     # cores, where the score still climbs. 12,000 images, not 6,000: by 3,000 steps stage 2 has seen each VQA record of
     # 6,000 images ~7 times and scored 0.03-0.05 higher on training images than held out; the gain is within the
-    # run-to-run spread (0.81 vs 0.839 on average, README stop 20), for ~15 s more of data and feature cache. Stage 1 is
+    # run-to-run spread (0.81 vs 0.835 on average, README stop 20), for ~15 s more of data and feature cache. Stage 1 is
     # short: the less it moves the projector, the better stage 2 binds colour to shape (README stop 19), and its 150
     # steps buy ~200 stage-2 steps. The CLIP stand-in's 50 contrastive steps only start the region alignment that makes
     # the tower.
