@@ -32,6 +32,7 @@ def render_model_card(
     has_projector: bool = False,
     projector_file: str = "mm_projector.safetensors",
     license: str = "apache-2.0",
+    system_prompt: str | None = None,
 ) -> ModelCard:
     """The card: Hub metadata (`pipeline_tag: image-text-to-text`, widget, base parts) + parts, data, settings, loss."""
     base_models = [m for m in (vision_model, language_model) if m and not Path(m).exists()]
@@ -60,6 +61,7 @@ def render_model_card(
         select_strategy=config.vision_feature_select_strategy,
         image_seq_length=config.image_seq_length,
         chat_template=chat_template,
+        system_prompt=system_prompt,
         data=data,
         num_samples=num_samples,
         hyperparameters=hyperparameters,

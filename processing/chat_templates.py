@@ -25,27 +25,35 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-# `SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>` (LLaVA's `llava_v1` / `vicuna_v1`).
-VICUNA_V1 = (
-    _RENDER_CONTENT
-    + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{{- render_content(messages[0]['content']) -}}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{{- '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "' -}}{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if loop.first -%}{{- ' ' -}}{%- endif -%}"
-    "{{- 'USER: ' + render_content(message['content']) + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT:' -}}"
-    "{%- generation -%}{{- ' ' + render_content(message['content']) + eos_token -}}{%- endgeneration -%}"
-    "{%- else -%}{{- raise_exception('vicuna_v1 only knows the roles system, user and assistant') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
+def _quoted(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _vicuna_v1(system_prompt: str) -> str:
+    """`SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>` (LLaVA's `llava_v1` / `vicuna_v1`)."""
+    return (
+        _RENDER_CONTENT
+        + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{{- render_content(messages[0]['content']) -}}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}"
+        "{{- " + _quoted(system_prompt) + " -}}{%- set loop_messages = messages -%}"
+        "{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if loop.first -%}{{- ' ' -}}{%- endif -%}"
+        "{{- 'USER: ' + render_content(message['content']) + ' ' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- 'ASSISTANT:' -}}"
+        "{%- generation -%}{{- ' ' + render_content(message['content']) + eos_token -}}{%- endgeneration -%}"
+        "{%- else -%}{{- raise_exception('vicuna_v1 only knows the roles system, user and assistant') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+VICUNA_V1 = _vicuna_v1(VICUNA_V1_SYSTEM)
 
 # Stage 1 of LLaVA-1.5: the image, then its caption; the instruction text of the user turn is not rendered.
 PLAIN = (
@@ -75,37 +83,53 @@ LLAVA_V1_SYSTEM = (
 
 # Original LLaVA's `llava_v1` conversation: `vicuna_v1` with a system prompt that says "human". Its CLI and demo
 # picked it for every checkpoint with "v1" in the name (llava-v1.5-7b included), while training used `vicuna_v1`.
-LLAVA_V1 = VICUNA_V1.replace(VICUNA_V1_SYSTEM.replace("'", "\\'"), LLAVA_V1_SYSTEM.replace("'", "\\'"))
+LLAVA_V1 = _vicuna_v1(LLAVA_V1_SYSTEM)
 
-# Original LLaVA's `llava_v0` (the paper's figure): `SYSTEM###Human: <image>\nQ###Assistant: A###Human: ...`.
-# `###` ends every turn and is the stop marker: it sits inside `{% generation %}` with the answer.
-LLAVA_V0 = (
-    _RENDER_CONTENT
-    + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{{- render_content(messages[0]['content']) -}}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{{- '" + LLAVA_V1_SYSTEM.replace("'", "\\'") + "' -}}{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{{- '###' -}}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- 'Human: ' + render_content(message['content']) + '###' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'Assistant:' -}}"
-    "{%- generation -%}{{- ' ' + render_content(message['content']) + '###' -}}{%- endgeneration -%}"
-    "{%- else -%}{{- raise_exception('llava_v0 only knows the roles system, user and assistant') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
-)
+
+def _llava_v0(system_prompt: str) -> str:
+    """Original LLaVA's `llava_v0` (the paper's figure): `SYSTEM###Human: <image>\\nQ###Assistant: A###Human: ...`.
+    `###` ends every turn and is the stop marker: it sits inside `{% generation %}` with the answer."""
+    return (
+        _RENDER_CONTENT
+        + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{{- render_content(messages[0]['content']) -}}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}"
+        "{{- " + _quoted(system_prompt) + " -}}{%- set loop_messages = messages -%}"
+        "{%- endif -%}"
+        "{{- '###' -}}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{- 'Human: ' + render_content(message['content']) + '###' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- 'Assistant:' -}}"
+        "{%- generation -%}{{- ' ' + render_content(message['content']) + '###' -}}{%- endgeneration -%}"
+        "{%- else -%}{{- raise_exception('llava_v0 only knows the roles system, user and assistant') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+    )
+
+
+LLAVA_V0 = _llava_v0(LLAVA_V1_SYSTEM)
 
 CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1, "plain": PLAIN, "llava_v1": LLAVA_V1, "llava_v0": LLAVA_V0}
+# The templates that open with a system prompt, and how each is built with another one.
+_WITH_SYSTEM_PROMPT = {"vicuna_v1": _vicuna_v1, "llava_v1": _vicuna_v1, "llava_v0": _llava_v0}
 
 
-def get_chat_template(name: str) -> str:
-    """The template registered under `name`; raises ValueError listing the known names."""
+def get_chat_template(name: str, system_prompt: str | None = None) -> str:
+    """The template registered under `name`; raises ValueError listing the known names.
+
+    `system_prompt` replaces the template's default system prompt (the one rendered when a conversation brings no
+    system message of its own); `""` renders none, as original LLaVA does with an empty `conv.system`."""
     try:
-        return CHAT_TEMPLATES[name]
+        template = CHAT_TEMPLATES[name]
     except KeyError:
         raise ValueError(f"Unknown chat template {name!r}: expected one of {sorted(CHAT_TEMPLATES)}.") from None
+    if system_prompt is None:
+        return template
+    if name not in _WITH_SYSTEM_PROMPT:
+        raise ValueError(f"Chat template {name!r} has no system prompt to replace: expected one of "
+                         f"{sorted(_WITH_SYSTEM_PROMPT)} with system_prompt.")
+    return _WITH_SYSTEM_PROMPT[name](system_prompt)

@@ -1,5 +1,7 @@
 """The processor: chat templates, image-token expansion, pad/crop, truncation guard, TRL's assistant-only labels."""
 
+import copy
+
 import pytest
 import torch
 from conftest import assistant, user
@@ -34,6 +36,29 @@ def test_image_after_the_question_and_system_override(tiny_llava):
     assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
         "<s>Be brief. USER: What is shown?\n<image> ASSISTANT:"
     )
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llava_v0"])
+def test_system_prompt_replaces_the_default_or_drops_it(tiny_llava, name):
+    processor = copy.copy(tiny_llava[1])  # the session's processor keeps its template
+    conversation = [user("What is shown?", True), assistant("A red circle.")]
+    rendered = {}
+    for system_prompt in (None, "", "Say it's short."):
+        processor.chat_template = get_chat_template(name, system_prompt)
+        rendered[system_prompt] = processor.apply_chat_template(conversation)
+    # The default is the template itself; the others differ from it in the system prompt only, as in original
+    # LLaVA, where an empty `conv.system` still leaves the separator that follows it.
+    assert get_chat_template(name, None) == get_chat_template(name)
+    default_system = rendered[None].removeprefix("<s>")[: -len(rendered[""].removeprefix("<s>"))]
+    assert default_system and rendered[None] == "<s>" + default_system + rendered[""].removeprefix("<s>")
+    assert rendered["Say it's short."] == "<s>Say it's short." + rendered[""].removeprefix("<s>")
+    if name == "vicuna_v1":
+        assert rendered[""] == "<s> USER: <image>\nWhat is shown? ASSISTANT: A red circle.</s>"
+
+
+def test_plain_has_no_system_prompt_to_replace():
+    with pytest.raises(ValueError, match="'plain' has no system prompt to replace"):
+        get_chat_template("plain", "")
 
 
 def test_each_image_expands_to_image_seq_length_tokens(tiny_llava, red_image, blue_image):

@@ -118,6 +118,7 @@ def save_stage_checkpoint(trainer, processor, output_dir, *, llava_args, data_ar
         language_model=str(language),
         config=config,
         chat_template=llava_args.chat_template or ("plain" if llava_args.stage == "stage1" else "vicuna_v1"),
+        system_prompt=llava_args.system_prompt,
         data=str(data_args.data_path),
         num_samples=summary["num_samples"],
         hyperparameters={k: v for k, v in summary["hyperparameters"].items() if v not in (None, -1)},

@@ -69,6 +69,11 @@ class LlavaArguments:
         default=None,
         metadata={"help": "'vicuna_v1' or 'plain'. Default: the checkpoint's, or plain/vicuna_v1 for stage 1/2."},
     )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "Replaces the chat template's default system prompt ('' renders none); saved with the "
+                  "template, so inference prompts the same way. Default: the template's own."},
+    )
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5) or 'crop' (paper)."})
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector when it differs from the LM's."}
@@ -130,6 +135,7 @@ def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfi
     """A llava_plugin checkpoint (`--model_name_or_path`) or pretrained parts (+ an optional stage-1 projector)."""
     dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     default_template = "plain" if llava_args.stage == "stage1" else "vicuna_v1"
+    chat_template = get_chat_template(llava_args.chat_template or default_template, llava_args.system_prompt)
     quantization_config = get_quantization_config(model_args)  # QLoRA: --load_in_4bit (needs bitsandbytes + GPU)
     if quantization_config is not None:
         if not model_args.model_name_or_path:
@@ -146,7 +152,7 @@ def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfi
             raise ValueError(f"{model_args.model_name_or_path}: cannot load the checkpoint: {error}") from None
         processor = LlavaProcessor.from_pretrained(model_args.model_name_or_path)
         # A stage-1 checkpoint carries `plain`; stage 2 must not inherit it.
-        processor.chat_template = get_chat_template(llava_args.chat_template or default_template)
+        processor.chat_template = chat_template
     elif llava_args.vision_model_name_or_path and llava_args.language_model_name_or_path:
         model, processor = load_pretrained_parts(
             llava_args.vision_model_name_or_path,
@@ -161,6 +167,7 @@ def build_model_and_processor(llava_args: LlavaArguments, model_args: ModelConfi
             projector_layernorm=llava_args.projector_layernorm,
             vision_feature_norm=llava_args.vision_feature_norm,
         )
+        processor.chat_template = chat_template
     else:
         raise ValueError(
             "Give --model_name_or_path (a llava_plugin checkpoint) or both --vision_model_name_or_path and "
