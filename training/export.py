@@ -97,6 +97,7 @@ def save_stage_checkpoint(trainer, processor, output_dir, *, llava_args, data_ar
             * max(1, args.world_size),
             "epochs": args.num_train_epochs,
             "max_steps": args.max_steps,
+            "train_budget_minutes": getattr(args, "train_budget_minutes", None),
             "lr_scheduler": str(args.lr_scheduler_type).split(".")[-1].lower(),
             "warmup_steps": args.warmup_steps,
             "weight_decay": args.weight_decay,

@@ -31,6 +31,7 @@ from modeling_llava import LlavaForCausalLM, LlavaProcessor  # noqa: E402
 from modeling_llava.builders import load_pretrained_parts  # noqa: E402
 from processing.chat_templates import get_chat_template  # noqa: E402
 from processing.llava_json import LlavaDataError, load_llava_json  # noqa: E402
+from training.budget import TrainingBudgetCallback  # noqa: E402
 from training.export import PROJECTOR_FILE, save_stage_checkpoint  # noqa: E402
 from training.feature_cache import VisionFeatureCache, build_feature_cache, cached_feature_processor  # noqa: E402
 from training.sampling import ModalityLengthGroupedSampler, image_counts  # noqa: E402
@@ -116,6 +117,15 @@ class LlavaSFTConfig(SFTConfig):
     """`SFTConfig` with LLaVA's defaults: loss on assistant tokens only, and mixed precision only where it pays."""
 
     assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on assistant tokens (and their </s>)."})
+    train_budget_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Wall-clock minutes of training: max_steps becomes a ceiling, cut to the steps that fit "
+                  "once the first budget_calibration_steps are timed; the learning-rate schedule is laid over "
+                  "those steps (training/budget.py)."},
+    )
+    budget_calibration_steps: int = field(
+        default=50, metadata={"help": "Steps timed before train_budget_minutes decides the step count."}
+    )
 
     def __post_init__(self):
         if not torch.cuda.is_available():
@@ -557,6 +567,10 @@ def main(argv: list[str] | None = None) -> dict:
         vision_feature_cache=feature_cache,
     )
     check_trainable(trainer.model, tune)
+    if training_args.train_budget_minutes is not None:
+        TrainingBudgetCallback(
+            60 * training_args.train_budget_minutes, training_args.budget_calibration_steps
+        ).attach(trainer)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
 

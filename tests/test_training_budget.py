@@ -1,0 +1,128 @@
+"""`--train_budget_minutes` (training/budget.py): the steps that fit a budget, the schedule laid over them, resume."""
+
+import json
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import budget, sft
+
+
+def run(tiny_world, stage1_dir, out, *extra, steps=40):
+    return sft.main([
+        "--stage", "stage2", "--model_name_or_path", str(stage1_dir), "--data_path", str(tiny_world["instruct"]),
+        "--image_folder", str(tiny_world["images"]), "--output_dir", str(out), "--max_steps", str(steps),
+        "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--lr_scheduler_type", "cosine",
+        "--warmup_steps", "0.1", "--report_to", "none", "--gradient_checkpointing", "false", "--logging_steps", "1",
+        "--max_length", "512", "--seed", "3", "--save_strategy", "steps", "--save_steps", "4", *extra,
+    ])
+
+
+def fake_clock(monkeypatch, *readings):
+    """The callback's clock reads `readings` in turn (one at the start and one after each step), then stands still at
+    the last."""
+    values = iter(readings)
+    last = [readings[-1]]
+
+    def monotonic():
+        last[0] = next(values, last[0])
+        return last[0]
+
+    monkeypatch.setattr(budget, "time", types.SimpleNamespace(monotonic=monotonic))
+
+
+def one_second_steps(calibration_steps, then=()):
+    """Readings for steps of 1 s each until the calibration is done (start, steps 1 ... UNTIMED + calibration)."""
+    return [float(step) for step in range(budget.UNTIMED_STEPS + calibration_steps + 1)] + list(then)
+
+
+def learning_rates(folder):
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    sft.main([
+        "--stage", "stage1", "--vision_model_name_or_path", str(tiny_world["clip"]),
+        "--language_model_name_or_path", str(tiny_world["lm"]), "--data_path", str(tiny_world["captions"]),
+        "--image_folder", str(tiny_world["images"]), "--output_dir", str(out), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--gradient_checkpointing", "false",
+        "--save_strategy", "no",
+    ])
+    return out
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny_world, stage1_dir, tmp_path_factory):
+    """Ceiling 40 steps, 4 calibration steps timed at 1 s each, 20 s of budget: 9 steps done at 9 s, 11 more fit."""
+    monkeypatch = pytest.MonkeyPatch()
+    fake_clock(monkeypatch, *one_second_steps(4))
+    out = tmp_path_factory.mktemp("budgeted")
+    summary = run(tiny_world, stage1_dir, out, "--train_budget_minutes", str(20 / 60), "--budget_calibration_steps", "4")
+    monkeypatch.undo()
+    return out, summary
+
+
+def test_budget_keeps_the_steps_that_fit_and_lays_the_schedule_over_them(budgeted, tiny_world, stage1_dir, tmp_path):
+    out, summary = budgeted
+    assert summary["global_steps"] == 20
+    assert summary["hyperparameters"]["max_steps"] == 40  # the ceiling, as given
+    state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["max_steps"] == 20
+    assert state["stateful_callbacks"]["TrainingBudgetCallback"]["attributes"]["decided_max_steps"] == 20
+
+    # After the decision the learning rate is, step for step, that of a run launched with --max_steps 20: warmup
+    # and cosine decay end where that run's do (before it, the ceiling's schedule: a slower warmup).
+    straight = tmp_path / "straight"
+    run(tiny_world, stage1_dir, straight, steps=20)
+    budgeted_lr, straight_lr = learning_rates(out / "checkpoint-20"), learning_rates(straight / "checkpoint-20")
+    assert sorted(budgeted_lr) == sorted(straight_lr) == list(range(1, 21))
+    for step in range(10, 21):
+        assert budgeted_lr[step] == pytest.approx(straight_lr[step], rel=1e-6), step
+    assert budgeted_lr[2] < straight_lr[2]  # the ceiling's warmup (4 steps) is slower than the 20 steps' (2)
+
+
+def test_resumed_run_keeps_the_decided_steps_without_timing_again(budgeted, tiny_world, stage1_dir, tmp_path,
+                                                                   monkeypatch):
+    out, _ = budgeted
+    fake_clock(monkeypatch, 100.0)  # time stands still: timing the machine again would divide by zero
+    resumed = tmp_path / "resumed"
+    summary = run(tiny_world, stage1_dir, resumed, "--train_budget_minutes", str(20 / 60),
+                  "--budget_calibration_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-12"))
+    assert summary["global_steps"] == 20
+    final, again = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], atol=0, rtol=0, msg=key)
+    state = json.loads((resumed / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["TrainingBudgetCallback"]["attributes"]["estimated_step_s"] == 1.0
+
+
+def test_budget_spent_by_the_calibration_stops_there(tiny_world, stage1_dir, tmp_path, monkeypatch):
+    fake_clock(monkeypatch, *one_second_steps(4))
+    summary = run(tiny_world, stage1_dir, tmp_path / "late", "--train_budget_minutes", str(6 / 60),
+                  "--budget_calibration_steps", "4")
+    assert summary["global_steps"] == 9
+    assert (tmp_path / "late" / "checkpoint-9").is_dir()  # saved where it stopped, as at any last step
+
+
+def test_a_machine_that_slows_down_still_ends_within_the_budget(tiny_world, stage1_dir, tmp_path, monkeypatch):
+    # Timed at 1 s a step, 20 steps fit; then step 12 takes 10 s and the budget is spent.
+    fake_clock(monkeypatch, *one_second_steps(4, then=[10.0, 11.0, 21.0]))
+    summary = run(tiny_world, stage1_dir, tmp_path / "slow", "--train_budget_minutes", str(20 / 60),
+                  "--budget_calibration_steps", "4")
+    assert summary["global_steps"] == 12
+    assert json.loads((tmp_path / "slow" / "checkpoint-12" / "trainer_state.json").read_text())["max_steps"] == 20
+
+
+def test_budget_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="--train_budget_minutes must be positive"):
+        budget.TrainingBudgetCallback(0)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD([weight], lr=0.1))
+    args = types.SimpleNamespace(lr_scheduler_type="reduce_lr_on_plateau")
+    with pytest.raises(ValueError, match="not for ReduceLROnPlateau"):
+        budget.relay_lr_schedule(plateau, args, 10)
