@@ -1,6 +1,7 @@
 """`--train_budget_minutes` (training/budget.py): the steps that fit a budget, the schedule laid over them, resume."""
 
 import json
+import math
 import types
 
 import pytest
@@ -33,9 +34,17 @@ def fake_clock(monkeypatch, *readings):
     monkeypatch.setattr(budget, "time", types.SimpleNamespace(monotonic=monotonic))
 
 
-def one_second_steps(calibration_steps, then=()):
-    """Readings for steps of 1 s each until the calibration is done (start, steps 1 ... UNTIMED + calibration)."""
-    return [float(step) for step in range(budget.UNTIMED_STEPS + calibration_steps + 1)] + list(then)
+def step_times(*paces, steps=200):
+    """Clock readings for a run whose steps take `paces[i]` seconds from step `i`'s share on: `(start_step, seconds)`
+    pairs; one reading at the start and one after each step."""
+    readings, now = [0.0], 0.0
+    for step in range(1, steps + 1):
+        now += next(seconds for start, seconds in reversed(paces) if step >= start)
+        readings.append(now)
+    return readings
+
+
+CALIBRATED = budget.UNTIMED_STEPS + 4  # the step at which 4 calibration steps are timed
 
 
 def learning_rates(folder):
@@ -58,9 +67,9 @@ def stage1_dir(tiny_world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def budgeted(tiny_world, stage1_dir, tmp_path_factory):
-    """Ceiling 40 steps, 4 calibration steps timed at 1 s each, 20 s of budget: 9 steps done at 9 s, 11 more fit."""
+    """Ceiling 40 steps, 4 calibration steps timed at 1 s each, 20 s of budget: 20 steps fit."""
     monkeypatch = pytest.MonkeyPatch()
-    fake_clock(monkeypatch, *one_second_steps(4))
+    fake_clock(monkeypatch, *step_times((1, 1.0), steps=CALIBRATED))  # then time stands still: no re-timing
     out = tmp_path_factory.mktemp("budgeted")
     summary = run(tiny_world, stage1_dir, out, "--train_budget_minutes", str(20 / 60), "--budget_calibration_steps", "4")
     monkeypatch.undo()
@@ -81,7 +90,7 @@ def test_budget_keeps_the_steps_that_fit_and_lays_the_schedule_over_them(budgete
     run(tiny_world, stage1_dir, straight, steps=20)
     budgeted_lr, straight_lr = learning_rates(out / "checkpoint-20"), learning_rates(straight / "checkpoint-20")
     assert sorted(budgeted_lr) == sorted(straight_lr) == list(range(1, 21))
-    for step in range(10, 21):
+    for step in range(CALIBRATED + 1, 21):
         assert budgeted_lr[step] == pytest.approx(straight_lr[step], rel=1e-6), step
     assert budgeted_lr[2] < straight_lr[2]  # the ceiling's warmup (4 steps) is slower than the 20 steps' (2)
 
@@ -102,20 +111,38 @@ def test_resumed_run_keeps_the_decided_steps_without_timing_again(budgeted, tiny
 
 
 def test_budget_spent_by_the_calibration_stops_there(tiny_world, stage1_dir, tmp_path, monkeypatch):
-    fake_clock(monkeypatch, *one_second_steps(4))
+    fake_clock(monkeypatch, *step_times((1, 1.0)))
     summary = run(tiny_world, stage1_dir, tmp_path / "late", "--train_budget_minutes", str(6 / 60),
                   "--budget_calibration_steps", "4")
-    assert summary["global_steps"] == 9
-    assert (tmp_path / "late" / "checkpoint-9").is_dir()  # saved where it stopped, as at any last step
+    assert summary["global_steps"] == CALIBRATED
+    assert (tmp_path / "late" / f"checkpoint-{CALIBRATED}").is_dir()  # saved where it stopped, as at any last step
+
+
+def test_a_machine_that_speeds_up_gets_more_steps_at_the_next_decision(tiny_world, stage1_dir, tmp_path, monkeypatch):
+    # 40 s of budget. Timed at 1 s a step: 40 steps fit. Then 0.5 s a step: at 10 s (a quarter of the budget) 30 s are
+    # left for 60 more steps, and the half and three-quarter points agree.
+    fake_clock(monkeypatch, *step_times((1, 1.0), (CALIBRATED + 1, 0.5)))
+    out = tmp_path / "faster"
+    summary = run(tiny_world, stage1_dir, out, "--train_budget_minutes", str(40 / 60), "--budget_calibration_steps",
+                  "4", steps=100)
+    steps = CALIBRATED + round((10 - CALIBRATED) / 0.5) + 60
+    assert summary["global_steps"] == steps
+    state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    assert state["max_steps"] == steps
+    assert state["stateful_callbacks"]["TrainingBudgetCallback"]["attributes"]["estimated_step_s"] == 0.5
+    # The schedule ends where a run launched with that many steps ends: the cosine's last step, after its warmup.
+    warmup = math.ceil(0.1 * steps)
+    last = learning_rates(out / f"checkpoint-{steps}")[steps]
+    assert last == pytest.approx(5e-3 * 0.5 * (1 + math.cos(math.pi * (steps - 1 - warmup) / (steps - warmup))), rel=1e-6)
 
 
 def test_a_machine_that_slows_down_still_ends_within_the_budget(tiny_world, stage1_dir, tmp_path, monkeypatch):
-    # Timed at 1 s a step, 20 steps fit; then step 12 takes 10 s and the budget is spent.
-    fake_clock(monkeypatch, *one_second_steps(4, then=[10.0, 11.0, 21.0]))
-    summary = run(tiny_world, stage1_dir, tmp_path / "slow", "--train_budget_minutes", str(20 / 60),
-                  "--budget_calibration_steps", "4")
-    assert summary["global_steps"] == 12
-    assert json.loads((tmp_path / "slow" / "checkpoint-12" / "trainer_state.json").read_text())["max_steps"] == 20
+    # 1 s a step until step 30 (40 steps fit 40 s, at every decision), then step 31 takes 15 s: the budget is spent.
+    fake_clock(monkeypatch, *step_times((1, 1.0), (31, 15.0), (32, 1.0)))
+    summary = run(tiny_world, stage1_dir, tmp_path / "slow", "--train_budget_minutes", str(40 / 60),
+                  "--budget_calibration_steps", "4", steps=100)
+    assert summary["global_steps"] == 31
+    assert json.loads((tmp_path / "slow" / "checkpoint-31" / "trainer_state.json").read_text())["max_steps"] == 40
 
 
 def test_budget_refuses_what_it_cannot_do():

@@ -120,8 +120,8 @@ class LlavaSFTConfig(SFTConfig):
     train_budget_minutes: float | None = field(
         default=None,
         metadata={"help": "Wall-clock minutes of training: max_steps becomes a ceiling, cut to the steps that fit "
-                  "once the first budget_calibration_steps are timed; the learning-rate schedule is laid over "
-                  "those steps (training/budget.py)."},
+                  "once the first budget_calibration_steps are timed, and again at 1/4, 1/2 and 3/4 of the budget; "
+                  "the learning-rate schedule is laid over those steps (training/budget.py)."},
     )
     budget_calibration_steps: int = field(
         default=50, metadata={"help": "Steps timed before train_budget_minutes decides the step count."}
