@@ -14,8 +14,8 @@
 Every step leaves its output under OUTPUT and is skipped when that output is already there, so an interrupted run
 continues where it stopped (stage 2 resumes from its last Trainer checkpoint).
 
-Stage 2 trains the preset's steps, or fewer where they would not fit 10 minutes on this machine: its speed is
-measured on stage 1 (`--budget-minutes N` fills N minutes instead, `--stage2-steps N` trains N).
+Stage 2 trains the preset's steps, or fewer where they would not fit 10 minutes on this machine: it times its own steps
+and keeps as many as fit (`--budget-minutes N` fills N minutes instead, `--stage2-steps N` trains N).
 """
 
 import argparse
@@ -58,14 +58,13 @@ class Preset:
 
 
 PRESETS = {
-    # Stage 2 gets what is left of DEFAULT_BUDGET_MINUTES (see plan_stage2): 2,500-3,000 steps of 0.14-0.17 s on 2 CPU
-    # cores, where the score still climbs. 12,000 images, not 6,000: by 3,000 steps stage 2 has seen each VQA record of
-    # 6,000 images ~7 times and scored 0.03-0.05 higher on training images than held out; the gain is within the
-    # run-to-run spread (0.81 vs 0.835 on average, README stop 20), for ~15 s more of data and feature cache. Stage 1 is
-    # short: the less it moves the projector, the better stage 2 binds colour to shape (README stop 19), and its 150
-    # steps buy ~200 stage-2 steps. The CLIP stand-in's 50 contrastive steps only start the region alignment that makes
-    # the tower.
-    "default": Preset(train_images=12000, eval_images=300, stage1_steps=150, stage2_steps=3000, batch_size=32,
+    # Stage 2 gets what is left of DEFAULT_BUDGET_MINUTES (see plan_stage2): ~3,800 steps of ~0.11 s on 2 CPU cores,
+    # where the score still climbs; 5,000 where they fit. 12,000 images, not 6,000: by 3,000 steps stage 2 has seen each
+    # VQA record of 6,000 images ~7 times and scored 0.03-0.05 higher on training images than held out; the gain is
+    # within the run-to-run spread (0.81 vs 0.835 on average, README stop 20), for ~15 s more of data and feature cache.
+    # Stage 1 is short: the less it moves the projector, the better stage 2 binds colour to shape (README stop 19). The
+    # CLIP stand-in's 50 contrastive steps only start the region alignment that makes the tower.
+    "default": Preset(train_images=12000, eval_images=300, stage1_steps=150, stage2_steps=5000, batch_size=32,
                       parts=dict(clip_steps=50, clip_batch_size=64, lm_steps=100)),
     # Seconds: the code path, not the accuracy (used by the tests). Teacher records on a quarter of its 48 images:
     # the default's 2.5% would leave one or two.
@@ -78,35 +77,26 @@ PRESETS = {
 }
 # The default's stage-2 steps are cut to what fits this wall-clock budget on the machine at hand (issue #4's bound).
 DEFAULT_BUDGET_MINUTES = 10.0
-# A stage-2 step (32 VQA conversations, projector + LM) costs this many stage-1 steps (32 captions, projector only):
-# the ratio of their measured `train_runtime_s / global_steps`, so stage 1 is the machine's stopwatch. 2.4-3.2 over
-# six runs since both take the model's own loss on CPU (stop 20: the machine's speed drifts within a run; at 2.6 one
-# run ended at 601 s); 2.9-3.5 before, over five runs on two machines whose speeds differ 2.5x.
-STAGE2_PER_STAGE1_STEP = 3.0
-STAGE2_OVERHEAD_S = 25.0  # stage-2 setup (data, Trainer) and the probe: 18-20 s measured on the slower machine
-BUDGET_SAFETY = 0.95  # aim a little under the budget: the ratio above is an estimate
-MIN_STAGE2_STEPS = 100
+# Stage 2 trains for what is left of the budget less this: its data and Trainer setup, the final save and the probe
+# (18-25 s measured). Its own first steps then time the machine (`--train_budget_minutes` of training/sft.py).
+STAGE2_OVERHEAD_S = 25.0
+BUDGET_SAFETY = 0.95  # aim a little under the budget: the machine's speed drifts within a run
+MIN_STAGE2_S = 30.0  # a budget already spent still trains stage 2 this long, rather than not at all
+MIN_STEP_S = 0.01  # `--budget-minutes` caps stage 2 at one step per this many seconds, faster than any CPU here
 
 
 def log(message: str) -> None:
     print(f"[quickstart] {message}", flush=True)
 
 
-def stage2_steps_within(budget_s: float, elapsed_s: float, stage1_summary: dict) -> tuple[int, float]:
-    """Stage-2 steps that fit what is left of a wall-clock budget, and the estimated seconds per step, from this
-    machine's measured stage-1 speed."""
-    step_s = STAGE2_PER_STAGE1_STEP * stage1_summary["train_runtime_s"] / max(1, stage1_summary["global_steps"])
-    left_s = BUDGET_SAFETY * budget_s - elapsed_s - STAGE2_OVERHEAD_S
-    return max(MIN_STAGE2_STEPS, int(left_s / step_s)), step_s
-
-
 def plan_stage2(out: Path, preset: Preset, stage2_steps: int | None, budget_minutes: float | None,
                 elapsed_s: float) -> dict:
-    """How many stage-2 steps this run trains, decided once and kept in `OUTPUT/stage2_plan.json`, so that a resumed
-    stage 2 continues the schedule it started (a later run's clock would give another count).
+    """How stage 2 is told its length, decided once and kept in `OUTPUT/stage2_plan.json`, so that a resumed stage 2
+    continues the schedule it started (a later run's clock would give another budget).
 
-    `--stage2-steps N` trains N; `--budget-minutes M` fills M minutes; by default the preset's steps, fewer when they
-    would not fit `DEFAULT_BUDGET_MINUTES` here."""
+    `--stage2-steps N` trains N. Otherwise stage 2 trains for what is left of the budget (`--budget-minutes M`, or
+    `DEFAULT_BUDGET_MINUTES` with the preset's steps as the ceiling): sft.py times its first steps and keeps the steps
+    that fit."""
     from training.export import write_atomically
 
     path = out / "stage2_plan.json"
@@ -116,15 +106,13 @@ def plan_stage2(out: Path, preset: Preset, stage2_steps: int | None, budget_minu
     if stage2_steps is not None:
         plan = {"max_steps": stage2_steps, "rule": "--stage2-steps"}
     else:
-        summary = json.loads((out / "stage1" / "training_summary.json").read_text())
         budget_s = 60 * (budget_minutes if budget_minutes is not None else DEFAULT_BUDGET_MINUTES)
-        fit, step_s = stage2_steps_within(budget_s, elapsed_s, summary)
+        train_s = max(MIN_STAGE2_S, BUDGET_SAFETY * budget_s - elapsed_s - STAGE2_OVERHEAD_S)
         if budget_minutes is not None:
-            steps, rule = fit, "--budget-minutes"
+            ceiling, rule = max(preset.stage2_steps, int(train_s / MIN_STEP_S)), "--budget-minutes"
         else:
-            steps = min(preset.stage2_steps, fit)
-            rule = "preset" if steps == preset.stage2_steps else "preset, cut to the default budget"
-        plan = {"max_steps": steps, "estimated_step_s": round(step_s, 3), "budget_s": budget_s,
+            ceiling, rule = preset.stage2_steps, "the preset's steps, as many as fit the default budget"
+        plan = {"max_steps": ceiling, "train_budget_minutes": round(train_s / 60, 3), "budget_s": budget_s,
                 "elapsed_before_stage2_s": round(elapsed_s, 1), "rule": rule}
     # Atomic: a run killed while writing it must not leave a half file that the resumed run cannot read.
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(plan, indent=2)))
@@ -243,11 +231,16 @@ def main(argv=None) -> dict:
     lap("stage1")
     if not (stage2 / "training_summary.json").exists():
         plan = plan_stage2(out, preset, args.stage2_steps, args.budget_minutes, time.time() - start)
-        estimate = f" (~{plan['estimated_step_s']:.2f} s each here)" if "estimated_step_s" in plan else ""
-        log(f"stage 2: projector + LM, {plan['max_steps']} steps{estimate} on instruction data [{plan['rule']}]")
+        length = {"max_steps": plan["max_steps"]}
+        if "train_budget_minutes" in plan:
+            length["train_budget_minutes"] = plan["train_budget_minutes"]
+            log(f"stage 2: projector + LM on instruction data, as many of {plan['max_steps']} steps as fit "
+                f"{60 * plan['train_budget_minutes']:.0f} s here, at the pace it measures [{plan['rule']}]")
+        else:
+            log(f"stage 2: projector + LM on instruction data, {plan['max_steps']} steps [{plan['rule']}]")
         run_stage("miniature_stage2.yaml", {
             **common, "model_name_or_path": stage1, "data_path": data_dir / "stage2.json", "output_dir": stage2,
-            "max_steps": plan["max_steps"], "resume_from_checkpoint": "last",  # the newest complete checkpoint
+            **length, "resume_from_checkpoint": "last",  # the newest complete checkpoint
         })
     lap("stage2")
 
