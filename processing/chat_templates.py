@@ -29,8 +29,9 @@ def _quoted(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _vicuna_v1(system_prompt: str) -> str:
-    """`SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>` (LLaVA's `llava_v1` / `vicuna_v1`)."""
+def _opening(system_prompt: str) -> str:
+    """`bos`, then the conversation's own system message, or `system_prompt` when it brings none; `loop_messages` are
+    the turns after it."""
     return (
         _RENDER_CONTENT
         + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
@@ -39,7 +40,14 @@ def _vicuna_v1(system_prompt: str) -> str:
         "{%- else -%}"
         "{{- " + _quoted(system_prompt) + " -}}{%- set loop_messages = messages -%}"
         "{%- endif -%}"
-        "{%- for message in loop_messages -%}"
+    )
+
+
+def _vicuna_v1(system_prompt: str) -> str:
+    """`SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>` (LLaVA's `llava_v1` / `vicuna_v1`)."""
+    return (
+        _opening(system_prompt)
+        + "{%- for message in loop_messages -%}"
         "{%- if message['role'] == 'user' -%}"
         "{%- if loop.first -%}{{- ' ' -}}{%- endif -%}"
         "{{- 'USER: ' + render_content(message['content']) + ' ' -}}"
@@ -90,14 +98,8 @@ def _llava_v0(system_prompt: str) -> str:
     """Original LLaVA's `llava_v0` (the paper's figure): `SYSTEM###Human: <image>\\nQ###Assistant: A###Human: ...`.
     `###` ends every turn and is the stop marker: it sits inside `{% generation %}` with the answer."""
     return (
-        _RENDER_CONTENT
-        + "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
-        "{%- if messages[0]['role'] == 'system' -%}"
-        "{{- render_content(messages[0]['content']) -}}{%- set loop_messages = messages[1:] -%}"
-        "{%- else -%}"
-        "{{- " + _quoted(system_prompt) + " -}}{%- set loop_messages = messages -%}"
-        "{%- endif -%}"
-        "{{- '###' -}}"
+        _opening(system_prompt)
+        + "{{- '###' -}}"
         "{%- for message in loop_messages -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{- 'Human: ' + render_content(message['content']) + '###' -}}"

@@ -61,3 +61,19 @@ def tiny_world(tmp_path_factory):
         "captions": data_dir / "captions.json", "instruct": data_dir / "instruct.json", "probe": probe_path,
         "clip": clip_dir, "lm": lm_dir,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1(tiny_world, tmp_path_factory):
+    """A 2-step stage-1 checkpoint on the tiny world's parts: where the stage-2 tests start."""
+    from training import sft
+
+    out = tmp_path_factory.mktemp("tiny_stage1")
+    sft.main([
+        "--stage", "stage1", "--vision_model_name_or_path", str(tiny_world["clip"]),
+        "--language_model_name_or_path", str(tiny_world["lm"]), "--data_path", str(tiny_world["captions"]),
+        "--image_folder", str(tiny_world["images"]), "--output_dir", str(out), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--gradient_checkpointing", "false",
+        "--save_strategy", "no",
+    ])
+    return out

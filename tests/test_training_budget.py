@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from training import budget, sft
 
 
-def run(tiny_world, stage1_dir, out, *extra, steps=40):
+def run(tiny_world, tiny_stage1, out, *extra, steps=40):
     return sft.main([
-        "--stage", "stage2", "--model_name_or_path", str(stage1_dir), "--data_path", str(tiny_world["instruct"]),
+        "--stage", "stage2", "--model_name_or_path", str(tiny_stage1), "--data_path", str(tiny_world["instruct"]),
         "--image_folder", str(tiny_world["images"]), "--output_dir", str(out), "--max_steps", str(steps),
         "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--lr_scheduler_type", "cosine",
         "--warmup_steps", "0.1", "--report_to", "none", "--gradient_checkpointing", "false", "--logging_steps", "1",
@@ -53,30 +53,17 @@ def learning_rates(folder):
 
 
 @pytest.fixture(scope="module")
-def stage1_dir(tiny_world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1")
-    sft.main([
-        "--stage", "stage1", "--vision_model_name_or_path", str(tiny_world["clip"]),
-        "--language_model_name_or_path", str(tiny_world["lm"]), "--data_path", str(tiny_world["captions"]),
-        "--image_folder", str(tiny_world["images"]), "--output_dir", str(out), "--max_steps", "2",
-        "--per_device_train_batch_size", "4", "--report_to", "none", "--gradient_checkpointing", "false",
-        "--save_strategy", "no",
-    ])
-    return out
-
-
-@pytest.fixture(scope="module")
-def budgeted(tiny_world, stage1_dir, tmp_path_factory):
+def budgeted(tiny_world, tiny_stage1, tmp_path_factory):
     """Ceiling 40 steps, 4 calibration steps timed at 1 s each, 20 s of budget: 20 steps fit."""
     monkeypatch = pytest.MonkeyPatch()
     fake_clock(monkeypatch, *step_times((1, 1.0), steps=CALIBRATED))  # then time stands still: no re-timing
     out = tmp_path_factory.mktemp("budgeted")
-    summary = run(tiny_world, stage1_dir, out, "--train_budget_minutes", str(20 / 60), "--budget_calibration_steps", "4")
+    summary = run(tiny_world, tiny_stage1, out, "--train_budget_minutes", str(20 / 60), "--budget_calibration_steps", "4")
     monkeypatch.undo()
     return out, summary
 
 
-def test_budget_keeps_the_steps_that_fit_and_lays_the_schedule_over_them(budgeted, tiny_world, stage1_dir, tmp_path):
+def test_budget_keeps_the_steps_that_fit_and_lays_the_schedule_over_them(budgeted, tiny_world, tiny_stage1, tmp_path):
     out, summary = budgeted
     assert summary["global_steps"] == 20
     assert summary["hyperparameters"]["max_steps"] == 40  # the ceiling, as given
@@ -87,7 +74,7 @@ def test_budget_keeps_the_steps_that_fit_and_lays_the_schedule_over_them(budgete
     # After the decision the learning rate is, step for step, that of a run launched with --max_steps 20: warmup
     # and cosine decay end where that run's do (before it, the ceiling's schedule: a slower warmup).
     straight = tmp_path / "straight"
-    run(tiny_world, stage1_dir, straight, steps=20)
+    run(tiny_world, tiny_stage1, straight, steps=20)
     budgeted_lr, straight_lr = learning_rates(out / "checkpoint-20"), learning_rates(straight / "checkpoint-20")
     assert sorted(budgeted_lr) == sorted(straight_lr) == list(range(1, 21))
     for step in range(CALIBRATED + 1, 21):
@@ -95,12 +82,12 @@ def test_budget_keeps_the_steps_that_fit_and_lays_the_schedule_over_them(budgete
     assert budgeted_lr[2] < straight_lr[2]  # the ceiling's warmup (4 steps) is slower than the 20 steps' (2)
 
 
-def test_resumed_run_keeps_the_decided_steps_without_timing_again(budgeted, tiny_world, stage1_dir, tmp_path,
+def test_resumed_run_keeps_the_decided_steps_without_timing_again(budgeted, tiny_world, tiny_stage1, tmp_path,
                                                                    monkeypatch):
     out, _ = budgeted
     fake_clock(monkeypatch, 100.0)  # time stands still: timing the machine again would divide by zero
     resumed = tmp_path / "resumed"
-    summary = run(tiny_world, stage1_dir, resumed, "--train_budget_minutes", str(20 / 60),
+    summary = run(tiny_world, tiny_stage1, resumed, "--train_budget_minutes", str(20 / 60),
                   "--budget_calibration_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-12"))
     assert summary["global_steps"] == 20
     final, again = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -110,20 +97,20 @@ def test_resumed_run_keeps_the_decided_steps_without_timing_again(budgeted, tiny
     assert state["stateful_callbacks"]["TrainingBudgetCallback"]["attributes"]["estimated_step_s"] == 1.0
 
 
-def test_budget_spent_by_the_calibration_stops_there(tiny_world, stage1_dir, tmp_path, monkeypatch):
+def test_budget_spent_by_the_calibration_stops_there(tiny_world, tiny_stage1, tmp_path, monkeypatch):
     fake_clock(monkeypatch, *step_times((1, 1.0)))
-    summary = run(tiny_world, stage1_dir, tmp_path / "late", "--train_budget_minutes", str(6 / 60),
+    summary = run(tiny_world, tiny_stage1, tmp_path / "late", "--train_budget_minutes", str(6 / 60),
                   "--budget_calibration_steps", "4")
     assert summary["global_steps"] == CALIBRATED
     assert (tmp_path / "late" / f"checkpoint-{CALIBRATED}").is_dir()  # saved where it stopped, as at any last step
 
 
-def test_a_machine_that_speeds_up_gets_more_steps_at_the_next_decision(tiny_world, stage1_dir, tmp_path, monkeypatch):
+def test_a_machine_that_speeds_up_gets_more_steps_at_the_next_decision(tiny_world, tiny_stage1, tmp_path, monkeypatch):
     # 40 s of budget. Timed at 1 s a step: 40 steps fit. Then 0.5 s a step: at 10 s (a quarter of the budget) 30 s are
     # left for 60 more steps, and the half and three-quarter points agree.
     fake_clock(monkeypatch, *step_times((1, 1.0), (CALIBRATED + 1, 0.5)))
     out = tmp_path / "faster"
-    summary = run(tiny_world, stage1_dir, out, "--train_budget_minutes", str(40 / 60), "--budget_calibration_steps",
+    summary = run(tiny_world, tiny_stage1, out, "--train_budget_minutes", str(40 / 60), "--budget_calibration_steps",
                   "4", steps=100)
     steps = CALIBRATED + round((10 - CALIBRATED) / 0.5) + 60
     assert summary["global_steps"] == steps
@@ -136,10 +123,10 @@ def test_a_machine_that_speeds_up_gets_more_steps_at_the_next_decision(tiny_worl
     assert last == pytest.approx(5e-3 * 0.5 * (1 + math.cos(math.pi * (steps - 1 - warmup) / (steps - warmup))), rel=1e-6)
 
 
-def test_a_machine_that_slows_down_still_ends_within_the_budget(tiny_world, stage1_dir, tmp_path, monkeypatch):
+def test_a_machine_that_slows_down_still_ends_within_the_budget(tiny_world, tiny_stage1, tmp_path, monkeypatch):
     # 1 s a step until step 30 (40 steps fit 40 s, at every decision), then step 31 takes 15 s: the budget is spent.
     fake_clock(monkeypatch, *step_times((1, 1.0), (31, 15.0), (32, 1.0)))
-    summary = run(tiny_world, stage1_dir, tmp_path / "slow", "--train_budget_minutes", str(40 / 60),
+    summary = run(tiny_world, tiny_stage1, tmp_path / "slow", "--train_budget_minutes", str(40 / 60),
                   "--budget_calibration_steps", "4", steps=100)
     assert summary["global_steps"] == 31
     assert json.loads((tmp_path / "slow" / "checkpoint-31" / "trainer_state.json").read_text())["max_steps"] == 40

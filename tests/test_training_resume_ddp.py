@@ -6,33 +6,17 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
-
-from training import sft
 
 
 SFT = str(REPO / "training" / "sft.py")
 
 
-@pytest.fixture(scope="module")
-def stage1_dir(tiny_world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1")
-    sft.main([
-        "--stage", "stage1", "--vision_model_name_or_path", str(tiny_world["clip"]),
-        "--language_model_name_or_path", str(tiny_world["lm"]), "--data_path", str(tiny_world["captions"]),
-        "--image_folder", str(tiny_world["images"]), "--output_dir", str(out), "--max_steps", "2",
-        "--per_device_train_batch_size", "4", "--report_to", "none", "--gradient_checkpointing", "false",
-        "--save_strategy", "no",
-    ])
-    return out
-
-
-def stage2_args(tiny_world, stage1_dir, out, batch, steps=8, **extra):
+def stage2_args(tiny_world, tiny_stage1, out, batch, steps=8, **extra):
     args = [
-        "--stage", "stage2", "--model_name_or_path", str(stage1_dir), "--data_path", str(tiny_world["instruct"]),
+        "--stage", "stage2", "--model_name_or_path", str(tiny_stage1), "--data_path", str(tiny_world["instruct"]),
         "--image_folder", str(tiny_world["images"]), "--output_dir", str(out), "--max_steps", str(steps),
         "--per_device_train_batch_size", str(batch), "--learning_rate", "5e-3", "--report_to", "none",
         "--gradient_checkpointing", "false", "--logging_steps", "1", "--max_length", "512", "--seed", "3",
@@ -54,13 +38,13 @@ def assert_same_weights(a, b, atol=0.0):
         torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=key)
 
 
-def test_resume_after_kill_reaches_the_uninterrupted_weights(tiny_world, stage1_dir, tmp_path):
+def test_resume_after_kill_reaches_the_uninterrupted_weights(tiny_world, tiny_stage1, tmp_path):
     common = dict(save_strategy="steps", save_steps=2)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run([sys.executable, SFT, *stage2_args(tiny_world, stage1_dir, straight, 4, **common)],
+    subprocess.run([sys.executable, SFT, *stage2_args(tiny_world, tiny_stage1, straight, 4, **common)],
                    check=True, env=env(), capture_output=True)
 
-    process = subprocess.Popen([sys.executable, SFT, *stage2_args(tiny_world, stage1_dir, killed, 4, **common)],
+    process = subprocess.Popen([sys.executable, SFT, *stage2_args(tiny_world, tiny_stage1, killed, 4, **common)],
                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoint-4" / "trainer_state.json"
     deadline = time.time() + 240
@@ -72,26 +56,26 @@ def test_resume_after_kill_reaches_the_uninterrupted_weights(tiny_world, stage1_
     assert not (killed / "training_summary.json").exists(), "the run finished before it could be killed"
 
     subprocess.run(
-        [sys.executable, SFT, *stage2_args(tiny_world, stage1_dir, killed, 4, **common,
+        [sys.executable, SFT, *stage2_args(tiny_world, tiny_stage1, killed, 4, **common,
                                            resume_from_checkpoint=killed / "checkpoint-4")],
         check=True, env=env(), capture_output=True,
     )
     assert_same_weights(straight, killed)
     # And the comparison is not vacuous: training moved the weights away from stage 1.
-    before, after = load_file(stage1_dir / "model.safetensors"), load_file(straight / "model.safetensors")
+    before, after = load_file(tiny_stage1 / "model.safetensors"), load_file(straight / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_two_process_ddp_matches_one_process_with_twice_the_batch(tiny_world, stage1_dir, tmp_path):
+def test_two_process_ddp_matches_one_process_with_twice_the_batch(tiny_world, tiny_stage1, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run([sys.executable, SFT, *stage2_args(tiny_world, stage1_dir, single, 4, steps=4, save_strategy="no")],
+    subprocess.run([sys.executable, SFT, *stage2_args(tiny_world, tiny_stage1, single, 4, steps=4, save_strategy="no")],
                    check=True, env=env(), capture_output=True)
     # With a time budget too, whose decision (after step 3: all 4 steps fit, the same schedule) every process must take
     # alike and at the same step, on the first process's clock, or the group would hang.
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(REPO / "training" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", "29517",
-        SFT, *stage2_args(tiny_world, stage1_dir, ddp, 2, steps=4, save_strategy="no", train_budget_minutes=10,
+        SFT, *stage2_args(tiny_world, tiny_stage1, ddp, 2, steps=4, save_strategy="no", train_budget_minutes=10,
                           budget_calibration_steps=1),
     ]
     result = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
