@@ -35,8 +35,8 @@ def fake_clock(monkeypatch, *readings):
 
 
 def step_times(*paces, steps=200):
-    """Clock readings for a run whose steps take `paces[i]` seconds from step `i`'s share on: `(start_step, seconds)`
-    pairs; one reading at the start and one after each step."""
+    """Clock readings for a run whose steps take `seconds` each from `start_step` on, for each `(start_step, seconds)`
+    of `paces`: one reading at the start and one after each step."""
     readings, now = [0.0], 0.0
     for step in range(1, steps + 1):
         now += next(seconds for start, seconds in reversed(paces) if step >= start)
@@ -55,11 +55,11 @@ def learning_rates(folder):
 @pytest.fixture(scope="module")
 def budgeted(tiny_world, tiny_stage1, tmp_path_factory):
     """Ceiling 40 steps, 4 calibration steps timed at 1 s each, 20 s of budget: 20 steps fit."""
-    monkeypatch = pytest.MonkeyPatch()
-    fake_clock(monkeypatch, *step_times((1, 1.0), steps=CALIBRATED))  # then time stands still: no re-timing
     out = tmp_path_factory.mktemp("budgeted")
-    summary = run(tiny_world, tiny_stage1, out, "--train_budget_minutes", str(20 / 60), "--budget_calibration_steps", "4")
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fake_clock(monkeypatch, *step_times((1, 1.0), steps=CALIBRATED))  # then time stands still: no re-timing
+        summary = run(tiny_world, tiny_stage1, out, "--train_budget_minutes", str(20 / 60),
+                      "--budget_calibration_steps", "4")
     return out, summary
 
 
@@ -85,7 +85,8 @@ def test_budget_keeps_the_steps_that_fit_and_lays_the_schedule_over_them(budgete
 def test_resumed_run_keeps_the_decided_steps_without_timing_again(budgeted, tiny_world, tiny_stage1, tmp_path,
                                                                    monkeypatch):
     out, _ = budgeted
-    fake_clock(monkeypatch, 100.0)  # time stands still: timing the machine again would divide by zero
+    # Time stands still: a run that timed the machine again would find its steps free and train to the ceiling (40).
+    fake_clock(monkeypatch, 100.0)
     resumed = tmp_path / "resumed"
     summary = run(tiny_world, tiny_stage1, resumed, "--train_budget_minutes", str(20 / 60),
                   "--budget_calibration_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-12"))
